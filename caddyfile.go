@@ -1,0 +1,345 @@
+package apikeys
+
+import (
+	"fmt"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("apikeys", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("apikeys", httpcaddyfile.Before, "basic_auth")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	apikeys [<matcher>] {
+//		store file [<path>]
+//		store redis <url>... {
+//			namespace <prefix>
+//		}
+//		secret <placeholder>
+//		key_prefix <prefix>
+//		management_path <path>
+//		dashboard_jwt {
+//			secret <placeholder>
+//			public_key <pem-file>
+//			jwks <url>
+//			algorithms <alg>...
+//			issuer <iss>
+//			audience <aud>
+//			owner_claim <claim>
+//			leeway <duration>
+//		}
+//		scopes <scope>...
+//		scope <scope> [<METHOD>...] <path>...
+//		max_expires_in_days <n>
+//		idempotency_ttl <duration>
+//		require_idempotency_key
+//		store_timeout <duration>
+//		realm <realm>
+//		identity_headers {
+//			id <header>
+//			owner <header>
+//			scopes <header>
+//		}
+//	}
+//
+// Secrets (`secret`, the dashboard_jwt `secret`) must be placeholders such
+// as {env.APIKEYS_SECRET} or {file./run/secrets/x}, resolved when the
+// config is provisioned, so no secret is written into the adapted JSON.
+// For the same reason a Redis URL may not hold a literal password.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "store":
+			if err := h.unmarshalStore(d); err != nil {
+				return err
+			}
+		case "secret":
+			v, err := secretArg(d)
+			if err != nil {
+				return err
+			}
+			h.Secret = v
+		case "key_prefix":
+			if err := singleArg(d, &h.KeyPrefix); err != nil {
+				return err
+			}
+		case "management_path":
+			if err := singleArg(d, &h.ManagementPath); err != nil {
+				return err
+			}
+		case "dashboard_jwt":
+			if h.DashboardJWT != nil {
+				return d.Err("dashboard_jwt may be given only once")
+			}
+			h.DashboardJWT = new(DashboardJWT)
+			if err := h.DashboardJWT.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+		case "scopes":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.Scopes = append(h.Scopes, args...)
+		case "scope":
+			rule, err := unmarshalScopeRule(d)
+			if err != nil {
+				return err
+			}
+			h.ScopeRules = append(h.ScopeRules, rule)
+		case "max_expires_in_days":
+			var s string
+			if err := singleArg(d, &s); err != nil {
+				return err
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 1 {
+				return d.Errf("max_expires_in_days: %q is not a positive whole number", s)
+			}
+			h.MaxExpiresInDays = n
+		case "idempotency_ttl":
+			if err := durationArg(d, &h.IdempotencyTTL); err != nil {
+				return err
+			}
+		case "store_timeout":
+			if err := durationArg(d, &h.StoreTimeout); err != nil {
+				return err
+			}
+		case "require_idempotency_key":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.RequireIdempotencyKey = true
+		case "realm":
+			if err := singleArg(d, &h.Realm); err != nil {
+				return err
+			}
+		case "identity_headers":
+			if err := h.unmarshalIdentityHeaders(d); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unrecognized subdirective %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func (h *Handler) unmarshalStore(d *caddyfile.Dispenser) error {
+	if h.Store != nil {
+		return d.Err("store may be given only once")
+	}
+	if !d.NextArg() {
+		return d.Err("store needs a type: file or redis")
+	}
+	h.Store = &StoreConfig{Type: d.Val()}
+	switch h.Store.Type {
+	case "file":
+		args := d.RemainingArgs()
+		if len(args) > 1 {
+			return d.ArgErr()
+		}
+		if len(args) == 1 {
+			h.Store.Path = args[0]
+		}
+	case "redis":
+		h.Store.URLs = d.RemainingArgs()
+		if len(h.Store.URLs) == 0 {
+			return d.Err("store redis needs at least one redis:// or rediss:// URL")
+		}
+		for _, u := range h.Store.URLs {
+			if err := checkRedisURL(u); err != nil {
+				return d.Err(err.Error())
+			}
+		}
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			switch d.Val() {
+			case "namespace":
+				if err := singleArg(d, &h.Store.Namespace); err != nil {
+					return err
+				}
+			default:
+				return d.Errf("unrecognized store redis option %q", d.Val())
+			}
+		}
+		return nil
+	default:
+		return d.Errf("unknown store type %q (want file or redis)", h.Store.Type)
+	}
+	if d.NextBlock(d.Nesting()) {
+		return d.Errf("store %s takes no block", h.Store.Type)
+	}
+	return nil
+}
+
+// checkRedisURL refuses a literal password, which would land in the
+// adapted JSON. A URL that is a placeholder is checked at provision time.
+func checkRedisURL(raw string) error {
+	if isPlaceholder(raw) {
+		return nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("store redis: invalid URL")
+	}
+	if u.Scheme != "redis" && u.Scheme != "rediss" {
+		return fmt.Errorf("store redis: URL scheme must be redis:// or rediss://, got %q", u.Scheme)
+	}
+	if _, has := u.User.Password(); has && !strings.Contains(raw, "{") {
+		return fmt.Errorf("store redis: put URLs with a password in an environment variable and write {env.NAME}, so the password stays out of the adapted config")
+	}
+	return nil
+}
+
+func (c *DashboardJWT) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch d.Val() {
+		case "secret":
+			c.Secret, err = secretArg(d)
+		case "public_key":
+			err = singleArg(d, &c.PublicKey)
+		case "jwks":
+			err = singleArg(d, &c.JWKS)
+		case "algorithms":
+			c.Algorithms = d.RemainingArgs()
+			if len(c.Algorithms) == 0 {
+				err = d.ArgErr()
+			}
+		case "issuer":
+			err = singleArg(d, &c.Issuer)
+		case "audience":
+			err = singleArg(d, &c.Audience)
+		case "owner_claim":
+			err = singleArg(d, &c.OwnerClaim)
+		case "leeway":
+			err = durationArg(d, &c.Leeway)
+		default:
+			err = d.Errf("unrecognized dashboard_jwt option %q", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (h *Handler) unmarshalIdentityHeaders(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if h.IdentityHeaders == nil {
+		h.IdentityHeaders = new(IdentityHeaders)
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch d.Val() {
+		case "id":
+			err = singleArg(d, &h.IdentityHeaders.ID)
+		case "owner":
+			err = singleArg(d, &h.IdentityHeaders.Owner)
+		case "scopes":
+			err = singleArg(d, &h.IdentityHeaders.Scopes)
+		default:
+			err = d.Errf("unrecognized identity_headers option %q", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+var methodToken = regexp.MustCompile(`^[A-Z]+$`)
+
+// unmarshalScopeRule reads `scope <scope> [<METHOD>...] <path>...`.
+func unmarshalScopeRule(d *caddyfile.Dispenser) (ScopeRule, error) {
+	args := d.RemainingArgs()
+	if len(args) < 2 {
+		return ScopeRule{}, d.Err("scope needs a scope name and at least one path: scope <scope> [<METHOD>...] <path>...")
+	}
+	rule := ScopeRule{Scope: args[0]}
+	for _, a := range args[1:] {
+		switch {
+		case methodToken.MatchString(a) && len(rule.Paths) == 0:
+			rule.Methods = append(rule.Methods, a)
+		case strings.HasPrefix(a, "/") || strings.HasPrefix(a, "*"):
+			rule.Paths = append(rule.Paths, a)
+		default:
+			return ScopeRule{}, d.Errf("scope %s: %q is neither an upper-case method nor a path starting with / or *", args[0], a)
+		}
+	}
+	if len(rule.Paths) == 0 {
+		return ScopeRule{}, d.Errf("scope %s: at least one path is required", args[0])
+	}
+	return rule, nil
+}
+
+// secretArg reads a secret, which must be a placeholder.
+func secretArg(d *caddyfile.Dispenser) (string, error) {
+	name := d.Val()
+	var v string
+	if err := singleArg(d, &v); err != nil {
+		return "", err
+	}
+	if !isPlaceholder(v) {
+		// Never echo v: it may be the secret itself.
+		return "", d.Errf("%s must be a placeholder such as {env.APIKEYS_SECRET} or {file./run/secrets/apikeys}, so the secret never lands in the adapted config", name)
+	}
+	return v, nil
+}
+
+func isPlaceholder(v string) bool {
+	return len(v) > 2 && v[0] == '{' && v[len(v)-1] == '}' && !strings.ContainsAny(v[1:len(v)-1], "{}")
+}
+
+func singleArg(d *caddyfile.Dispenser, dst *string) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	*dst = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+func durationArg(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	name := d.Val()
+	var s string
+	if err := singleArg(d, &s); err != nil {
+		return err
+	}
+	dur, err := caddy.ParseDuration(s)
+	if err != nil {
+		return d.Errf("%s: %v", name, err)
+	}
+	*dst = caddy.Duration(dur)
+	return nil
+}
+
+// Interface guard.
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

@@ -1,0 +1,171 @@
+package apikeys
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+)
+
+// compiledRule is a ScopeRule with its matchers provisioned.
+type compiledRule struct {
+	scope   string
+	methods caddyhttp.MatchMethod
+	paths   caddyhttp.MatchPath
+}
+
+// compileScopes validates the declared scopes and scope rules and builds
+// their matchers.
+func (h *Handler) compileScopes(ctx caddy.Context) error {
+	h.declared = make(map[string]struct{})
+	for _, s := range h.Scopes {
+		if !validScope(s) {
+			return fmt.Errorf("apikeys: scopes: %q is not a valid scope name (letters, digits and . _ : - /, at most %d characters)", s, maxScopeLen)
+		}
+		h.declared[s] = struct{}{}
+	}
+	h.rules = h.rules[:0]
+	for i, rule := range h.ScopeRules {
+		if !validScope(rule.Scope) {
+			return fmt.Errorf("apikeys: scope rule %d: %q is not a valid scope name", i+1, rule.Scope)
+		}
+		if len(rule.Paths) == 0 {
+			return fmt.Errorf("apikeys: scope rule %d (%s): at least one path is required", i+1, rule.Scope)
+		}
+		cr := compiledRule{scope: rule.Scope, paths: caddyhttp.MatchPath(append([]string(nil), rule.Paths...))}
+		for _, m := range rule.Methods {
+			cr.methods = append(cr.methods, strings.ToUpper(m))
+		}
+		if err := cr.paths.Provision(ctx); err != nil {
+			return fmt.Errorf("apikeys: scope rule %d (%s): %w", i+1, rule.Scope, err)
+		}
+		h.rules = append(h.rules, cr)
+		h.declared[rule.Scope] = struct{}{}
+	}
+	return nil
+}
+
+// guard validates the request's API key and, if it may call this route,
+// passes the request on with the caller's identity.
+func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	h.stripIdentityHeaders(r)
+	token, ok := bearerToken(r)
+	if !ok {
+		return h.unauthorized(w, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.")
+	}
+	if keystore.Check(h.KeyPrefix, token) != nil {
+		// Malformed, a JWT or a typo: refused without a store lookup.
+		return h.unauthorized(w, "invalid_api_key", "The API key is malformed or invalid.")
+	}
+	digest := h.hasher.Digest(token)
+
+	ctx, cancel := h.storeCtx(r)
+	key, err := h.store.ByDigest(ctx, digest)
+	cancel()
+	switch {
+	case errors.Is(err, keystore.ErrNotFound):
+		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
+	case err != nil:
+		h.logger.Error("key store lookup failed", zap.Error(err))
+		return writeError(w, errStoreUnavailable)
+	}
+	if !key.Digest.Equal(digest) || !key.Active(h.now()) {
+		h.debug("api key refused: revoked or expired", key)
+		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
+	}
+	if required, ok := h.allowed(key, r); !ok {
+		h.debug("api key refused: insufficient scope", key)
+		return h.insufficientScope(w, required)
+	}
+
+	// The backend learns who calls from these headers only; the identity
+	// headers' names are canonical (see applyDefaults).
+	hdr := r.Header
+	hdr.Del("Authorization")
+	ids := h.IdentityHeaders
+	scopes := scopeString(key)
+	hdr[ids.ID] = []string{key.ID}
+	hdr[ids.Owner] = []string{key.Owner}
+	hdr[ids.Scopes] = []string{scopes}
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		repl.Set("http.auth.user.id", key.Owner)
+		repl.Set("http.auth.apikey.id", key.ID)
+		repl.Set("http.auth.apikey.scopes", scopes)
+	}
+	h.debug("api key accepted", key)
+	return next.ServeHTTP(w, r)
+}
+
+// stripIdentityHeaders removes client-sent copies of the identity headers.
+// It runs on every guarded request before anything else.
+func (h *Handler) stripIdentityHeaders(r *http.Request) {
+	ids := h.IdentityHeaders
+	r.Header.Del(ids.ID)
+	r.Header.Del(ids.Owner)
+	r.Header.Del(ids.Scopes)
+}
+
+// allowed reports whether key may make request r. required lists the scopes
+// of the rules that match (nil when none does, so a full-access key is
+// needed).
+func (h *Handler) allowed(key *keystore.Key, r *http.Request) (required []string, ok bool) {
+	if key.FullAccess() {
+		return nil, true
+	}
+	for i := range h.rules {
+		rule := &h.rules[i]
+		if len(rule.methods) > 0 && !rule.methods.Match(r) {
+			continue
+		}
+		if !rule.paths.Match(r) {
+			continue
+		}
+		if key.HasScope(rule.scope) {
+			return nil, true
+		}
+		required = append(required, rule.scope)
+	}
+	return required, false
+}
+
+// scopeString renders a key's scopes for headers and placeholders.
+func scopeString(k *keystore.Key) string {
+	if k.FullAccess() {
+		return "*"
+	}
+	return strings.Join(k.Scopes, " ")
+}
+
+func (h *Handler) unauthorized(w http.ResponseWriter, code, msg string) error {
+	challenge := h.challenge
+	if code != "unauthorized" {
+		challenge += `, error="invalid_token"`
+	}
+	w.Header().Set("WWW-Authenticate", challenge)
+	return writeError(w, &apiError{status: http.StatusUnauthorized, code: code, message: msg})
+}
+
+func (h *Handler) insufficientScope(w http.ResponseWriter, required []string) error {
+	msg := "This route needs a full-access key."
+	challenge := h.challenge + `, error="insufficient_scope"`
+	if len(required) > 0 {
+		msg = "The API key lacks the scope this route needs: " + strings.Join(required, " or ") + "."
+		challenge += fmt.Sprintf(", scope=%q", strings.Join(required, " "))
+	}
+	w.Header().Set("WWW-Authenticate", challenge)
+	return writeError(w, &apiError{status: http.StatusForbidden, code: "insufficient_scope", message: msg})
+}
+
+// debug logs a key decision with its ID and owner, never the key itself.
+func (h *Handler) debug(msg string, k *keystore.Key) {
+	if c := h.logger.Check(zapcore.DebugLevel, msg); c != nil {
+		c.Write(zap.String("key_id", k.ID), zap.String("owner", k.Owner))
+	}
+}

@@ -1,0 +1,125 @@
+package apikeys
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// ServeHTTP answers the management API itself and guards every other path.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if h.isManagementPath(r.URL.Path) {
+		return h.serveManagement(w, r)
+	}
+	return h.guard(w, r, next)
+}
+
+// isManagementPath reports whether p is the management path or below it.
+func (h *Handler) isManagementPath(p string) bool {
+	m := h.ManagementPath
+	return p == m || len(p) > len(m) && p[len(m)] == '/' && strings.HasPrefix(p, m)
+}
+
+// apiError is an error answered to the client in the JSON envelope.
+type apiError struct {
+	status  int
+	code    string
+	message string
+	field   string
+	header  http.Header // extra response headers, e.g. Retry-After
+}
+
+func (e *apiError) Error() string { return e.code + ": " + e.message }
+
+// Errors shared by several endpoints.
+var (
+	errStoreUnavailable = &apiError{status: http.StatusServiceUnavailable, code: "store_unavailable",
+		message: "The key store is unreachable right now; retry shortly.",
+		header:  http.Header{"Retry-After": {"2"}}}
+	errNotFound = &apiError{status: http.StatusNotFound, code: "not_found",
+		message: "No such resource."}
+)
+
+// envelope is the JSON shape of every response.
+type envelope struct {
+	Success bool       `json:"success"`
+	Data    any        `json:"data,omitempty"`
+	Error   *errorBody `json:"error,omitempty"`
+}
+
+type errorBody struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+	Field   string `json:"field,omitempty"`
+}
+
+// writeError answers e in the error envelope.
+func writeError(w http.ResponseWriter, e *apiError) error {
+	for k, v := range e.header {
+		w.Header()[k] = v
+	}
+	return writeEnvelope(w, e.status, envelope{Error: &errorBody{Code: e.code, Message: e.message, Field: e.field}})
+}
+
+// writeData answers data in the success envelope.
+func writeData(w http.ResponseWriter, status int, data any) error {
+	return writeEnvelope(w, status, envelope{Success: true, Data: data})
+}
+
+func writeEnvelope(w http.ResponseWriter, status int, env envelope) error {
+	body, err := json.Marshal(env)
+	if err != nil {
+		return err
+	}
+	writeRaw(w, status, body)
+	return nil
+}
+
+// writeRaw writes an already encoded JSON body.
+func writeRaw(w http.ResponseWriter, status int, body []byte) {
+	hdr := w.Header()
+	hdr.Set("Content-Type", "application/json")
+	hdr.Set("Content-Length", strconv.Itoa(len(body)))
+	hdr.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+// bearerToken returns the token of the request's single
+// `Authorization: Bearer` header. ok is false when there is no such header.
+func bearerToken(r *http.Request) (token string, ok bool) {
+	vals := r.Header["Authorization"]
+	if len(vals) != 1 {
+		return "", false
+	}
+	v := vals[0]
+	const scheme = "Bearer "
+	if len(v) <= len(scheme) || !strings.EqualFold(v[:len(scheme)], scheme) {
+		return "", false
+	}
+	token = strings.TrimSpace(v[len(scheme):])
+	return token, token != ""
+}
+
+// apiTimeLayout is RFC 3339 in UTC with milliseconds.
+const apiTimeLayout = "2006-01-02T15:04:05.000Z"
+
+// apiTime encodes a time as the API does: UTC, RFC 3339, milliseconds.
+type apiTime struct{ time.Time }
+
+func (t apiTime) MarshalJSON() ([]byte, error) {
+	return []byte(`"` + t.UTC().Format(apiTimeLayout) + `"`), nil
+}
+
+func (t *apiTime) UnmarshalJSON(b []byte) error {
+	s, err := strconv.Unquote(string(b))
+	if err != nil {
+		return err
+	}
+	t.Time, err = time.Parse(apiTimeLayout, s)
+	return err
+}

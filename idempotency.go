@@ -1,0 +1,276 @@
+package apikeys
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+)
+
+// idempotencyLock is how long a request holds its Idempotency-Key before a
+// retry may take the work over (after a crash, say). Each request makes a
+// few store calls bounded by store_timeout, so this is ample.
+const idempotencyLock = 30 * time.Second
+
+// How idempotency works here: before anything is stored, the complete
+// response (with the new raw key, sealed with AES-GCM) is written into a
+// pending idempotency record. The key is then stored and the record marked
+// done. Every execution under one Idempotency-Key therefore produces the
+// same key: a retry after a crash finishes the recorded work instead of
+// minting anew, so no retry can ever mint a second key.
+
+// idempotencyKey reads and checks the Idempotency-Key header.
+func idempotencyKey(r *http.Request) (key string, present bool, aerr *apiError) {
+	vals, present := r.Header["Idempotency-Key"]
+	if !present {
+		return "", false, nil
+	}
+	bad := &apiError{status: http.StatusBadRequest, code: "invalid_idempotency_key",
+		message: "Idempotency-Key must be one header of 1 to 255 printable ASCII characters."}
+	if len(vals) != 1 || !validIdempotencyKey(vals[0]) {
+		return "", true, bad
+	}
+	return vals[0], true, nil
+}
+
+func validIdempotencyKey(s string) bool {
+	if len(s) == 0 || len(s) > 255 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// hashParts hashes length-prefixed parts, so no two part lists collide.
+func hashParts(parts ...string) string {
+	h := sha256.New()
+	for _, p := range parts {
+		var n [8]byte
+		binary.LittleEndian.PutUint64(n[:], uint64(len(p)))
+		h.Write(n[:])
+		h.Write([]byte(p))
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// createIdempotent runs POST /v1/apikeys under an Idempotency-Key, scoped to
+// the owner and the endpoint.
+func (h *Handler) createIdempotent(w http.ResponseWriter, r *http.Request, owner, idemKey string, body []byte) error {
+	endpoint := r.Method + " " + h.ManagementPath
+	id := hashParts("idempotency", owner, endpoint, idemKey)
+	fingerprint := hashParts(endpoint, string(body))
+
+	ctx, cancel := h.storeCtx(r)
+	defer cancel()
+	existing, err := h.store.GetIdempotency(ctx, id)
+	switch {
+	case err == nil:
+		return h.answerExisting(w, r, owner, id, fingerprint, existing)
+	case !errors.Is(err, keystore.ErrNotFound):
+		h.logger.Error("idempotency lookup failed", zap.Error(err))
+		return writeError(w, errStoreUnavailable)
+	}
+
+	// First sight of this key: validate, then record the full response
+	// before storing the key.
+	req, aerr := h.parseCreateRequest(body)
+	if aerr != nil {
+		return writeError(w, aerr) // nothing stored: a corrected retry runs afresh
+	}
+	key, raw, err := h.newKey(owner, req)
+	if err != nil {
+		return err
+	}
+	respBody, err := json.Marshal(envelope{Success: true, Data: newKeyResponse(key, raw)})
+	if err != nil {
+		return err
+	}
+	token, err := randomToken()
+	if err != nil {
+		return err
+	}
+	rec := &keystore.IdempotencyRecord{
+		Token:       token,
+		Fingerprint: fingerprint,
+		State:       keystore.IdempotencyPending,
+		LockedUntil: h.now().Add(idempotencyLock),
+		KeyID:       key.ID,
+		Status:      http.StatusCreated,
+		Body:        h.seal(id, respBody),
+	}
+	ttl := time.Duration(h.IdempotencyTTL)
+	existing, err = h.store.ReserveIdempotency(ctx, id, rec, ttl)
+	if err != nil {
+		h.logger.Error("idempotency reserve failed", zap.Error(err))
+		return writeError(w, errStoreUnavailable)
+	}
+	if existing != nil { // a concurrent request got there first
+		return h.answerExisting(w, r, owner, id, fingerprint, existing)
+	}
+	return h.finishIdempotent(w, r, id, rec, key, respBody)
+}
+
+// finishIdempotent stores the key of a pending record this request holds,
+// marks the record done and answers 201.
+func (h *Handler) finishIdempotent(w http.ResponseWriter, r *http.Request, id string, rec *keystore.IdempotencyRecord, key *keystore.Key, respBody []byte) error {
+	ctx, cancel := h.storeCtx(r)
+	defer cancel()
+	ttl := time.Duration(h.IdempotencyTTL)
+	if err := h.store.Create(ctx, key); err != nil {
+		h.logger.Error("storing new key failed; nothing minted", zap.String("owner", key.Owner), zap.Error(err))
+		// Release the key so a retry runs afresh. If even that fails, the
+		// pending record lets a retry finish this same key after the lock.
+		if derr := h.store.DeleteIdempotency(ctx, id, rec.Token); derr != nil {
+			h.logger.Warn("releasing idempotency key failed", zap.Error(derr))
+		}
+		return writeError(w, errStoreUnavailable)
+	}
+	done := *rec
+	done.State = keystore.IdempotencyDone
+	if err := h.store.ReplaceIdempotency(ctx, id, rec.Token, &done, ttl); err != nil {
+		// The key is durably stored, so the client gets it. A retry that
+		// finds the record still pending finishes the same key.
+		h.logger.Warn("marking idempotency record done failed", zap.String("key_id", key.ID), zap.Error(err))
+	}
+	h.logger.Info("api key created", zap.String("key_id", key.ID), zap.String("owner", key.Owner))
+	writeCreated(w, respBody, false)
+	return nil
+}
+
+// answerExisting answers a request whose Idempotency-Key already has a
+// record: replay, conflict, or take over abandoned work.
+func (h *Handler) answerExisting(w http.ResponseWriter, r *http.Request, owner, id, fingerprint string, rec *keystore.IdempotencyRecord) error {
+	if rec.Fingerprint != fingerprint {
+		return writeError(w, &apiError{status: http.StatusUnprocessableEntity, code: "idempotency_key_reused",
+			message: "This Idempotency-Key was used with a different request; use a new key for a new request."})
+	}
+	if rec.State == keystore.IdempotencyDone {
+		body, err := h.open(id, rec.Body)
+		if err != nil {
+			return h.unreadableRecord(w, err)
+		}
+		h.logger.Debug("idempotent replay", zap.String("key_id", rec.KeyID), zap.String("owner", owner))
+		writeCreated(w, body, true)
+		return nil
+	}
+	now := h.now()
+	if now.Before(rec.LockedUntil) {
+		secs := int(math.Ceil(rec.LockedUntil.Sub(now).Seconds()))
+		return writeError(w, &apiError{status: http.StatusConflict, code: "idempotency_in_progress",
+			message: "A request with this Idempotency-Key is still being processed; retry after it finishes.",
+			header:  http.Header{"Retry-After": {strconv.Itoa(max(secs, 1))}}})
+	}
+
+	// The holder went away without finishing: take the record over and
+	// finish the very same key.
+	body, err := h.open(id, rec.Body)
+	if err != nil {
+		return h.unreadableRecord(w, err)
+	}
+	key, err := h.keyFromResponse(owner, body)
+	if err != nil {
+		return h.unreadableRecord(w, err)
+	}
+	token, err := randomToken()
+	if err != nil {
+		return err
+	}
+	taken := *rec
+	taken.Token = token
+	taken.LockedUntil = now.Add(idempotencyLock)
+	ctx, cancel := h.storeCtx(r)
+	err = h.store.ReplaceIdempotency(ctx, id, rec.Token, &taken, time.Duration(h.IdempotencyTTL))
+	cancel()
+	switch {
+	case errors.Is(err, keystore.ErrConflict): // another retry took it first
+		return writeError(w, &apiError{status: http.StatusConflict, code: "idempotency_in_progress",
+			message: "A request with this Idempotency-Key is still being processed; retry after it finishes.",
+			header:  http.Header{"Retry-After": {"1"}}})
+	case err != nil:
+		return writeError(w, errStoreUnavailable)
+	}
+	h.logger.Info("finishing abandoned idempotent request", zap.String("key_id", key.ID), zap.String("owner", owner))
+	return h.finishIdempotent(w, r, id, &taken, key, body)
+}
+
+func (h *Handler) unreadableRecord(w http.ResponseWriter, err error) error {
+	// Most likely the secret changed since the record was written.
+	h.logger.Error("idempotency record cannot be read", zap.Error(err))
+	return writeError(w, &apiError{status: http.StatusInternalServerError, code: "internal_error",
+		message: "The stored result of this Idempotency-Key cannot be read; use a new Idempotency-Key."})
+}
+
+// keyFromResponse rebuilds the key record from a sealed create response.
+func (h *Handler) keyFromResponse(owner string, body []byte) (*keystore.Key, error) {
+	var env struct {
+		Data keyResponse `json:"data"`
+	}
+	if err := json.Unmarshal(body, &env); err != nil {
+		return nil, fmt.Errorf("apikeys: decode idempotency record: %w", err)
+	}
+	d := env.Data
+	if keystore.Check(h.KeyPrefix, d.Key) != nil {
+		return nil, errors.New("apikeys: idempotency record holds no valid key")
+	}
+	k := &keystore.Key{ID: d.KeyID, Owner: owner, Name: d.Name, Prefix: d.Prefix,
+		Digest: h.hasher.Digest(d.Key), Scopes: d.Scopes, CreatedAt: d.CreatedAt.Time}
+	if d.ExpiresAt != nil {
+		t := d.ExpiresAt.Time
+		k.ExpiresAt = &t
+	}
+	return k, nil
+}
+
+// newSealer derives the AES-256-GCM key that encrypts stored replays.
+func newSealer(secret []byte) (cipher.AEAD, error) {
+	k, err := keystore.DeriveKey(secret, "idempotency-seal", 32)
+	if err != nil {
+		return nil, fmt.Errorf("apikeys: %w", err)
+	}
+	block, err := aes.NewCipher(k)
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(block)
+}
+
+// seal encrypts a response body, bound to its record id.
+func (h *Handler) seal(id string, plain []byte) []byte {
+	nonce := make([]byte, h.sealer.NonceSize(), h.sealer.NonceSize()+len(plain)+h.sealer.Overhead())
+	_, _ = rand.Read(nonce) // crypto/rand.Read never fails
+	return h.sealer.Seal(nonce, nonce, plain, []byte(id))
+}
+
+// open decrypts what seal produced.
+func (h *Handler) open(id string, sealed []byte) ([]byte, error) {
+	n := h.sealer.NonceSize()
+	if len(sealed) < n {
+		return nil, errors.New("apikeys: sealed record too short")
+	}
+	return h.sealer.Open(nil, sealed[:n], sealed[n:], []byte(id))
+}
+
+func randomToken() (string, error) {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(b), nil
+}

@@ -1,0 +1,153 @@
+// Package keystore provides the storage side of caddy-apikeys: the API key
+// model, the key format (minting, parsing, checksum), keyed hashing of keys,
+// and a [Store] interface with a Redis and an embedded bbolt implementation.
+//
+// The package has no Caddy imports, so it can be used and tested on its own.
+// Raw keys never reach a Store: only their [Digest], an HMAC-SHA256 under a
+// pepper derived from the operator's secret, is stored.
+package keystore
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Sentinel errors returned by every [Store] implementation. Any other error
+// from a Store means the store could not be reached or failed, and callers
+// should treat it as "store unavailable".
+var (
+	// ErrNotFound is returned when a key or idempotency record does not exist.
+	ErrNotFound = errors.New("keystore: not found")
+	// ErrConflict is returned when a write would overwrite a different
+	// record: a key ID or digest that belongs to another key, or an
+	// idempotency record whose token no longer matches.
+	ErrConflict = errors.New("keystore: conflict")
+)
+
+// Key is the stored record of an API key. It never holds the raw key.
+type Key struct {
+	// ID is the public identifier, "key_" followed by random characters.
+	ID string `json:"id"`
+	// Owner is the dashboard identity (the JWT owner claim) that created it.
+	Owner string `json:"owner"`
+	// Name is the human-readable name given at creation.
+	Name string `json:"name"`
+	// Prefix is the displayable start of the raw key, e.g. "wbk_ce03e701".
+	Prefix string `json:"prefix"`
+	// Digest is the keyed hash of the raw key; the lookup handle.
+	Digest Digest `json:"digest"`
+	// Scopes is the allowlist of scopes; nil means full access.
+	Scopes []string `json:"scopes"`
+	// CreatedAt is when the key was minted (UTC, millisecond precision).
+	CreatedAt time.Time `json:"created_at"`
+	// ExpiresAt is when the key stops validating; nil means never.
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	// RevokedAt is when the key was revoked; nil means not revoked.
+	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+}
+
+// Active reports whether k validates at time now: not revoked and not expired.
+func (k *Key) Active(now time.Time) bool {
+	if k.RevokedAt != nil && !now.Before(*k.RevokedAt) {
+		return false
+	}
+	if k.ExpiresAt != nil && !now.Before(*k.ExpiresAt) {
+		return false
+	}
+	return true
+}
+
+// FullAccess reports whether k carries no scope allowlist.
+func (k *Key) FullAccess() bool { return k.Scopes == nil }
+
+// HasScope reports whether k may act under scope s. A full-access key has
+// every scope.
+func (k *Key) HasScope(s string) bool {
+	if k.Scopes == nil {
+		return true
+	}
+	for _, have := range k.Scopes {
+		if have == s {
+			return true
+		}
+	}
+	return false
+}
+
+// Idempotency record states.
+const (
+	// IdempotencyPending marks a request that is being executed. Its Body
+	// already holds the sealed response it will answer with, so a takeover
+	// after a crash finishes the same work instead of minting anew.
+	IdempotencyPending = "pending"
+	// IdempotencyDone marks a request whose response can be replayed.
+	IdempotencyDone = "done"
+)
+
+// IdempotencyRecord is what the store keeps for one Idempotency-Key, scoped
+// by the caller to an owner and endpoint. Body is opaque to the store (the
+// caller encrypts it).
+type IdempotencyRecord struct {
+	// Token identifies the holder of a pending record; writes that replace
+	// or delete a record must present it.
+	Token string `json:"token"`
+	// Fingerprint identifies the request (hash of method, path and body).
+	Fingerprint string `json:"fingerprint"`
+	// State is IdempotencyPending or IdempotencyDone.
+	State string `json:"state"`
+	// LockedUntil is when a pending record may be taken over by a retry.
+	LockedUntil time.Time `json:"locked_until"`
+	// KeyID is the key the request mints (known before it is stored).
+	KeyID string `json:"key_id,omitempty"`
+	// Status is the HTTP status to replay.
+	Status int `json:"status,omitempty"`
+	// Body is the sealed response body.
+	Body []byte `json:"body,omitempty"`
+}
+
+// Store keeps keys and idempotency records. Implementations are safe for
+// concurrent use by many goroutines and, for Redis, by many processes.
+//
+// Durability contract: when Create returns nil, the key is durably stored,
+// findable by digest and by ID, listed under its owner and revocable. A
+// failed or interrupted Create never leaves a key that validates (is found by
+// digest) without also being listed and revocable.
+type Store interface {
+	// Create stores k. Creating a key whose ID and Digest are both already
+	// stored with the same values is a no-op success (so a retried write is
+	// safe). An ID or digest that belongs to another key gives ErrConflict.
+	Create(ctx context.Context, k *Key) error
+	// ByDigest returns the key with digest d, or ErrNotFound. Revoked and
+	// expired keys are returned too; callers check [Key.Active].
+	ByDigest(ctx context.Context, d Digest) (*Key, error)
+	// Get returns the key with the given ID, or ErrNotFound.
+	Get(ctx context.Context, id string) (*Key, error)
+	// List returns up to limit of owner's keys, newest first (by CreatedAt,
+	// then ID), starting after the opaque cursor ("" starts at the newest),
+	// and the cursor of the next page ("" when there is none). Pages are
+	// stable under concurrent inserts: no duplicates, no gaps.
+	List(ctx context.Context, owner, cursor string, limit int) ([]*Key, string, error)
+	// Revoke marks the key revoked at time at and returns the updated key,
+	// or ErrNotFound. Revoking a revoked key returns it unchanged.
+	Revoke(ctx context.Context, id string, at time.Time) (*Key, error)
+
+	// ReserveIdempotency stores rec under id if no record exists there,
+	// kept for ttl, and returns (nil, nil). If a record exists it is
+	// returned unchanged, with a nil error.
+	ReserveIdempotency(ctx context.Context, id string, rec *IdempotencyRecord, ttl time.Duration) (*IdempotencyRecord, error)
+	// GetIdempotency returns the record under id, or ErrNotFound.
+	GetIdempotency(ctx context.Context, id string) (*IdempotencyRecord, error)
+	// ReplaceIdempotency atomically replaces the record under id with rec
+	// (kept for ttl) if the stored record's Token equals token; otherwise
+	// (missing, or another token) it returns ErrConflict.
+	ReplaceIdempotency(ctx context.Context, id, token string, rec *IdempotencyRecord, ttl time.Duration) error
+	// DeleteIdempotency deletes the record under id if its Token equals
+	// token. A missing record or another token is not an error.
+	DeleteIdempotency(ctx context.Context, id, token string) error
+
+	// Ping checks that the store is reachable.
+	Ping(ctx context.Context) error
+	// Close releases connections and file handles.
+	Close() error
+}

@@ -1,0 +1,308 @@
+// Package apikeys provides a Caddy HTTP handler that mints API keys at a
+// management endpoint (callable only with a dashboard JWT) and validates
+// those keys on every other request before handing it on, normally to
+// reverse_proxy.
+//
+// The handler is thin glue: key format, hashing and storage live in package
+// keystore, dashboard JWT verification in package jwtauth.
+package apikeys
+
+import (
+	"context"
+	"crypto/cipher"
+	"errors"
+	"fmt"
+	"net/http"
+	"path"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults of the Handler's fields.
+const (
+	DefaultManagementPath   = "/v1/apikeys"
+	DefaultMaxExpiresInDays = 3650
+	DefaultIdempotencyTTL   = 24 * time.Hour
+	DefaultStoreTimeout     = 2 * time.Second
+	DefaultRealm            = "apikeys"
+	DefaultHeaderID         = "X-Api-Key-Id"
+	DefaultHeaderOwner      = "X-Api-Key-Owner"
+	DefaultHeaderScopes     = "X-Api-Key-Scopes"
+)
+
+// Handler mints API keys at ManagementPath and validates them everywhere
+// else. Its JSON form is the module `http.handlers.apikeys`.
+type Handler struct {
+	// Store selects where keys live. Default: an embedded bbolt file at
+	// `<caddy data dir>/apikeys/keys.db`.
+	Store *StoreConfig `json:"store,omitempty"`
+
+	// Secret derives the pepper of key digests and the key that encrypts
+	// idempotent replays. At least 32 bytes after placeholders such as
+	// `{env.APIKEYS_SECRET}` or `{file./run/secrets/apikeys}` are
+	// resolved (at provision time, so the value never lands in the config).
+	// Required with the Redis store. With the file store it may be left
+	// empty: a random secret is then generated once and kept beside the
+	// database file (mode 0600).
+	Secret string `json:"secret,omitempty"`
+
+	// KeyPrefix starts every minted key. Default: "wbk_".
+	KeyPrefix string `json:"key_prefix,omitempty"`
+
+	// ManagementPath is where the key-management API is served.
+	// Default: "/v1/apikeys".
+	ManagementPath string `json:"management_path,omitempty"`
+
+	// DashboardJWT configures who may call the management API. Without it
+	// the management API answers 404 and the handler only validates keys.
+	DashboardJWT *DashboardJWT `json:"dashboard_jwt,omitempty"`
+
+	// Scopes declares scopes beyond those ScopeRules name. When any scope is
+	// declared (here or in a rule), a create request naming another scope
+	// is refused with 400 unknown_scope.
+	Scopes []string `json:"scopes,omitempty"`
+
+	// ScopeRules say which scope a request needs. A full-access key passes
+	// every rule; a scoped key passes when it holds a scope of at least one
+	// rule that matches. A request no rule matches needs a full-access key.
+	ScopeRules []ScopeRule `json:"scope_rules,omitempty"`
+
+	// MaxExpiresInDays caps `expires_in_days` on create. Default: 3650.
+	MaxExpiresInDays int `json:"max_expires_in_days,omitempty"`
+
+	// IdempotencyTTL is how long Idempotency-Key results are kept.
+	// Default: 24h.
+	IdempotencyTTL caddy.Duration `json:"idempotency_ttl,omitempty"`
+
+	// RequireIdempotencyKey makes the Idempotency-Key header mandatory on
+	// POST requests to the management API. Default: false.
+	RequireIdempotencyKey bool `json:"require_idempotency_key,omitempty"`
+
+	// StoreTimeout bounds each store operation made while serving a
+	// request. Default: 2s.
+	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
+
+	// Realm is sent in WWW-Authenticate challenges. Default: "apikeys".
+	Realm string `json:"realm,omitempty"`
+
+	// IdentityHeaders names the request headers that tell the backend who
+	// is calling. Client-sent copies are always removed.
+	IdentityHeaders *IdentityHeaders `json:"identity_headers,omitempty"`
+
+	logger       *zap.Logger
+	store        keystore.Store
+	storePoolKey string
+	hasher       *keystore.Hasher
+	sealer       cipher.AEAD
+	verifier     *jwtauth.Verifier
+	rules        []compiledRule
+	declared     map[string]struct{}
+	storeTimeout time.Duration
+	challenge    string
+	now          func() time.Time
+}
+
+// StoreConfig selects the key store.
+type StoreConfig struct {
+	// Type is "file" (embedded bbolt, one machine) or "redis".
+	// Default: "file".
+	Type string `json:"type,omitempty"`
+	// Path of the bbolt file, for Type "file". Placeholders are resolved.
+	// Default: `<caddy data dir>/apikeys/keys.db`.
+	Path string `json:"path,omitempty"`
+	// URLs of Redis, for Type "redis": one `redis://` or `rediss://` URL
+	// (user, password, DB number and TLS are read from it), or several seed
+	// URLs of a Redis Cluster. Placeholders such as `{env.REDIS_URL}` are
+	// resolved at provision time; keep passwords out of the config that way.
+	URLs []string `json:"urls,omitempty"`
+	// Namespace prefixes every Redis key. Default: "apikeys".
+	Namespace string `json:"namespace,omitempty"`
+}
+
+// IdentityHeaders names the headers set on requests that pass the guard.
+type IdentityHeaders struct {
+	// ID carries the key's ID. Default: "X-Api-Key-Id".
+	ID string `json:"id,omitempty"`
+	// Owner carries the key's owner. Default: "X-Api-Key-Owner".
+	Owner string `json:"owner,omitempty"`
+	// Scopes carries the key's scopes separated by spaces, or "*" for a
+	// full-access key. Default: "X-Api-Key-Scopes".
+	Scopes string `json:"scopes,omitempty"`
+}
+
+// ScopeRule requires Scope for requests matching Methods (any, when empty)
+// and one of Paths (patterns as Caddy's `path` matcher reads them).
+type ScopeRule struct {
+	Scope   string   `json:"scope"`
+	Methods []string `json:"methods,omitempty"`
+	Paths   []string `json:"paths"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.apikeys",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision resolves secrets, opens (or reuses) the store and prepares the
+// JWT verifier and scope rules.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	h.now = time.Now
+	h.applyDefaults()
+	repl := caddy.NewReplacer()
+
+	if err := h.compileScopes(ctx); err != nil {
+		return err
+	}
+
+	storeCfg := h.Store
+	if storeCfg == nil {
+		storeCfg = &StoreConfig{}
+	}
+	secret, err := resolveSecret(repl, "secret", h.Secret)
+	if err != nil {
+		return err
+	}
+	store, poolKey, autoSecret, err := openStore(storeCfg, repl, secret == nil)
+	if err != nil {
+		return err
+	}
+	h.store, h.storePoolKey = store, poolKey
+	if secret == nil {
+		secret = autoSecret
+	}
+	if len(secret) < 32 {
+		return fmt.Errorf("apikeys: secret must be at least 32 bytes, got %d", len(secret))
+	}
+	if h.hasher, err = keystore.NewHasher(secret); err != nil {
+		return fmt.Errorf("apikeys: %w", err)
+	}
+	if h.sealer, err = newSealer(secret); err != nil {
+		return err
+	}
+
+	if h.DashboardJWT != nil {
+		if h.verifier, err = h.DashboardJWT.newVerifier(ctx, repl); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// applyDefaults fills in every setting the operator left at its zero value.
+func (h *Handler) applyDefaults() {
+	if h.KeyPrefix == "" {
+		h.KeyPrefix = keystore.DefaultPrefix
+	}
+	if h.ManagementPath == "" {
+		h.ManagementPath = DefaultManagementPath
+	}
+	if h.MaxExpiresInDays == 0 {
+		h.MaxExpiresInDays = DefaultMaxExpiresInDays
+	}
+	if h.IdempotencyTTL == 0 {
+		h.IdempotencyTTL = caddy.Duration(DefaultIdempotencyTTL)
+	}
+	h.storeTimeout = time.Duration(h.StoreTimeout)
+	if h.storeTimeout == 0 {
+		h.storeTimeout = DefaultStoreTimeout
+	}
+	if h.Realm == "" {
+		h.Realm = DefaultRealm
+	}
+	if h.IdentityHeaders == nil {
+		h.IdentityHeaders = &IdentityHeaders{}
+	}
+	if h.IdentityHeaders.ID == "" {
+		h.IdentityHeaders.ID = DefaultHeaderID
+	}
+	if h.IdentityHeaders.Owner == "" {
+		h.IdentityHeaders.Owner = DefaultHeaderOwner
+	}
+	if h.IdentityHeaders.Scopes == "" {
+		h.IdentityHeaders.Scopes = DefaultHeaderScopes
+	}
+	ids := h.IdentityHeaders
+	ids.ID = http.CanonicalHeaderKey(ids.ID)
+	ids.Owner = http.CanonicalHeaderKey(ids.Owner)
+	ids.Scopes = http.CanonicalHeaderKey(ids.Scopes)
+	h.challenge = fmt.Sprintf("Bearer realm=%q", h.Realm)
+}
+
+// Validate checks the configuration for mistakes.
+func (h *Handler) Validate() error {
+	if err := keystore.ValidatePrefix(h.KeyPrefix); err != nil {
+		return fmt.Errorf("apikeys: key_prefix: %w", err)
+	}
+	if h.ManagementPath == "" || h.ManagementPath[0] != '/' || path.Clean(h.ManagementPath) != h.ManagementPath {
+		return fmt.Errorf("apikeys: management_path must be a clean absolute path like /v1/apikeys, got %q", h.ManagementPath)
+	}
+	if h.MaxExpiresInDays < 1 || h.MaxExpiresInDays > maxExpiresInDaysLimit {
+		return fmt.Errorf("apikeys: max_expires_in_days must be between 1 and %d", maxExpiresInDaysLimit)
+	}
+	if h.IdempotencyTTL < 0 || h.StoreTimeout < 0 {
+		return errors.New("apikeys: idempotency_ttl and store_timeout must not be negative")
+	}
+	for _, name := range []string{h.IdentityHeaders.ID, h.IdentityHeaders.Owner, h.IdentityHeaders.Scopes} {
+		if !validHeaderName(name) {
+			return fmt.Errorf("apikeys: identity header name %q is not a valid header name", name)
+		}
+		if http.CanonicalHeaderKey(name) == "Authorization" {
+			return errors.New("apikeys: an identity header cannot be Authorization")
+		}
+	}
+	return nil
+}
+
+// Cleanup releases this instance's hold on the shared store and stops the
+// JWT verifier. It tolerates a half-provisioned handler.
+func (h *Handler) Cleanup() error {
+	if h.verifier != nil {
+		h.verifier.Close()
+	}
+	if h.storePoolKey != "" {
+		_, err := stores.Delete(h.storePoolKey)
+		return err
+	}
+	return nil
+}
+
+// storeCtx bounds a store operation made while serving r.
+func (h *Handler) storeCtx(r *http.Request) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(r.Context(), h.storeTimeout)
+}
+
+// validHeaderName reports whether s is a usable HTTP header field name.
+func validHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// Interface guards.
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

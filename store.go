@@ -1,0 +1,148 @@
+package apikeys
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+)
+
+// stores shares open stores between handler instances and across config
+// reloads: on reload the new config provisions before the old one is
+// cleaned up, so the Redis client or bbolt handle is reused, never reopened
+// (a bbolt file cannot be opened twice).
+var stores = caddy.NewUsagePool()
+
+// pooledStore adapts a keystore.Store to caddy.Destructor.
+type pooledStore struct{ keystore.Store }
+
+func (p pooledStore) Destruct() error { return p.Close() }
+
+// openStore opens the configured store, or takes it from the pool. With the
+// file store and wantSecret set, it also returns the auto-generated secret
+// kept beside the database file.
+func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystore.Store, string, []byte, error) {
+	switch cfg.Type {
+	case "", "file":
+		p := repl.ReplaceKnown(cfg.Path, "")
+		if p == "" {
+			p = filepath.Join(caddy.AppDataDir(), "apikeys", "keys.db")
+		}
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return nil, "", nil, fmt.Errorf("apikeys: store file path: %w", err)
+		}
+		var secret []byte
+		if wantSecret {
+			if secret, err = loadOrCreateSecret(filepath.Join(filepath.Dir(abs), "secret")); err != nil {
+				return nil, "", nil, err
+			}
+		}
+		key := "file:" + abs
+		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
+			s, err := keystore.NewBolt(keystore.BoltOptions{Path: abs})
+			if err != nil {
+				return nil, err
+			}
+			return pooledStore{s}, nil
+		})
+		if err != nil {
+			return nil, "", nil, fmt.Errorf("apikeys: open store file %s: %w", abs, err)
+		}
+		return v.(pooledStore).Store, key, secret, nil
+
+	case "redis":
+		if wantSecret {
+			return nil, "", nil, errors.New("apikeys: secret is required with the redis store (every node must derive the same digests); set it to a placeholder such as {env.APIKEYS_SECRET}")
+		}
+		if len(cfg.URLs) == 0 {
+			return nil, "", nil, errors.New("apikeys: store redis needs at least one redis:// or rediss:// URL")
+		}
+		urls := make([]string, len(cfg.URLs))
+		for i, u := range cfg.URLs {
+			urls[i] = repl.ReplaceKnown(u, "")
+			if urls[i] == "" {
+				return nil, "", nil, fmt.Errorf("apikeys: store redis URL %d is empty after resolving placeholders", i+1)
+			}
+		}
+		// The pool key holds credentials; it never leaves this process.
+		key := "redis:" + cfg.Namespace + "|" + strings.Join(urls, "|")
+		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
+			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace})
+			if err != nil {
+				return nil, err
+			}
+			return pooledStore{s}, nil
+		})
+		if err != nil {
+			// go-redis URL errors do not echo passwords, but say only which URL.
+			return nil, "", nil, fmt.Errorf("apikeys: store redis: %w", err)
+		}
+		return v.(pooledStore).Store, key, nil, nil
+
+	default:
+		return nil, "", nil, fmt.Errorf("apikeys: unknown store type %q (want file or redis)", cfg.Type)
+	}
+}
+
+// resolveSecret resolves placeholders in a configured secret. An empty
+// configuration gives nil; a placeholder that resolves to nothing is an
+// error, so a missing environment variable is noticed at startup.
+func resolveSecret(repl *caddy.Replacer, name, configured string) ([]byte, error) {
+	if configured == "" {
+		return nil, nil
+	}
+	v, err := repl.ReplaceOrErr(configured, true, true)
+	if err != nil {
+		// The error names the placeholder, never its value.
+		return nil, fmt.Errorf("apikeys: %s: %w", name, err)
+	}
+	if v == "" {
+		return nil, fmt.Errorf("apikeys: %s is empty after resolving placeholders", name)
+	}
+	return []byte(strings.TrimRight(v, "\r\n")), nil
+}
+
+// loadOrCreateSecret reads the secret file at p, creating it with 32 random
+// bytes (hex) on first use.
+func loadOrCreateSecret(p string) ([]byte, error) {
+	b, err := os.ReadFile(p)
+	if err == nil {
+		return []byte(strings.TrimSpace(string(b))), nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("apikeys: read generated secret: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return nil, fmt.Errorf("apikeys: create data directory: %w", err)
+	}
+	raw := make([]byte, 32)
+	if _, err := rand.Read(raw); err != nil {
+		return nil, err
+	}
+	secret := []byte(hex.EncodeToString(raw))
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, fs.ErrExist) { // another process won the race
+		return loadOrCreateSecret(p)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("apikeys: create generated secret: %w", err)
+	}
+	if _, err := f.Write(append(secret, '\n')); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("apikeys: write generated secret: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return secret, f.Close()
+}
