@@ -52,13 +52,16 @@ func TestMain(m *testing.M) {
 // gateway is a real Caddy server, loaded in-process, running the apikeys
 // handler in front of a real HTTP backend, with a real store.
 type gateway struct {
-	t       *testing.T
-	base    string // http://127.0.0.1:port
-	backend *echoBackend
-	redis   *testredis.Server // nil for the file store
-	store   keystore.Store    // the very store the handler uses
-	logDir  string
-	client  *http.Client
+	t         *testing.T
+	kind      string
+	port      int
+	base      string // http://127.0.0.1:port
+	storePath string // the bbolt file, for the file store
+	backend   *echoBackend
+	redis     *testredis.Server // nil for the file store
+	store     keystore.Store    // the very store the handler uses
+	logDir    string
+	client    *http.Client
 }
 
 // storeKinds are the backends every contract test runs against.
@@ -68,21 +71,33 @@ var storeKinds = []string{"file", "redis"}
 // apikeys subdirectives, and stops it when the test ends.
 func startGateway(t *testing.T, kind string, extra string) *gateway {
 	t.Helper()
-	g := &gateway{t: t, backend: newEchoBackend(t), logDir: t.TempDir(),
+	g := &gateway{t: t, kind: kind, backend: newEchoBackend(t), logDir: t.TempDir(),
 		client: &http.Client{Timeout: 10 * time.Second}}
-	var storeLine string
 	switch kind {
 	case "file":
-		storeLine = "store file " + filepath.Join(t.TempDir(), "keys.db")
+		g.storePath = filepath.Join(t.TempDir(), "keys.db")
 	case "redis":
 		// Persist every write so tests that restart Redis keep the data.
 		g.redis = testredis.Start(t, "--appendonly", "yes", "--appendfsync", "always")
-		storeLine = "store redis " + g.redis.URL()
 	default:
 		t.Fatalf("unknown store kind %q", kind)
 	}
-	port := freePort(t)
-	g.base = fmt.Sprintf("http://127.0.0.1:%d", port)
+	g.port = freePort(t)
+	g.base = fmt.Sprintf("http://127.0.0.1:%d", g.port)
+	t.Cleanup(func() { stopCaddy(t) })
+	if err := g.load(extra); err != nil {
+		t.Fatal(err)
+	}
+	g.store = currentStore(t)
+	return g
+}
+
+// load (re)loads the gateway's config with extra apikeys subdirectives.
+func (g *gateway) load(extra string) error {
+	storeLine := "store file " + g.storePath
+	if g.redis != nil {
+		storeLine = "store redis " + g.redis.URL()
+	}
 	cfg := fmt.Sprintf(`{
 	admin off
 	persist_config off
@@ -93,6 +108,7 @@ func startGateway(t *testing.T, kind string, extra string) *gateway {
 		level DEBUG
 	}
 }
+
 http://127.0.0.1:%[2]d {
 	log {
 		output file %[1]s/access.log
@@ -119,30 +135,19 @@ http://127.0.0.1:%[2]d {
 		header_up X-Auth-Apikey-Scopes {http.auth.apikey.scopes}
 	}
 }
-`, g.logDir, port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"))
-	loadCaddyfile(t, cfg)
-	g.store = currentStore(t)
-	return g
+`, g.logDir, g.port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"))
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		return fmt.Errorf("adapting Caddyfile: %w", err)
+	}
+	return caddy.Load(cfgJSON, true)
 }
 
-// loadCaddyfile adapts and runs a Caddyfile in this process.
-func loadCaddyfile(t *testing.T, cfg string) {
-	t.Helper()
-	cfgJSON, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
-	if err != nil {
-		t.Fatalf("adapting Caddyfile: %v", err)
+// stopCaddy stops the running config, if any.
+func stopCaddy(t *testing.T) {
+	if err := caddy.Stop(); err != nil {
+		t.Errorf("stopping caddy: %v", err)
 	}
-	for _, w := range warnings {
-		t.Logf("adapt warning: %s", w)
-	}
-	if err := caddy.Load(cfgJSON, true); err != nil {
-		t.Fatalf("loading config: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
-		}
-	})
 }
 
 // currentStore returns the store the running handler holds (there is one).
@@ -346,4 +351,19 @@ func (g *gateway) readLogs() []byte {
 		all.Write(b)
 	}
 	return all.Bytes()
+}
+
+// loadCaddyfileErr adapts and loads a Caddyfile that is expected to fail,
+// returning the error (and stopping Caddy if it loaded after all).
+func loadCaddyfileErr(t *testing.T, cfg string) error {
+	t.Helper()
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		return err
+	}
+	err = caddy.Load(cfgJSON, true)
+	if err == nil {
+		_ = caddy.Stop()
+	}
+	return err
 }

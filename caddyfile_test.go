@@ -1,0 +1,111 @@
+package apikeys
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddytest"
+)
+
+// TestCaddyfileAdapt adapts every testdata/*.caddyfiletest (a Caddyfile,
+// a line of ten dashes, the expected JSON) as Caddy's own adapt tests do.
+func TestCaddyfileAdapt(t *testing.T) {
+	files, err := filepath.Glob("testdata/*.caddyfiletest")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no adapt cases found: %v", err)
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			caddyfile, expected, ok := strings.Cut(string(data), "----------")
+			if !ok {
+				t.Fatalf("%s has no ---------- separator", f)
+			}
+			if !caddytest.CompareAdapt(t, f, caddyfile, "caddyfile", strings.TrimSpace(expected)) {
+				t.Fail()
+			}
+		})
+	}
+}
+
+// TestCaddyfileErrors checks that mistakes are refused with a message that
+// names them, and that no refused secret is echoed.
+func TestCaddyfileErrors(t *testing.T) {
+	cases := []struct {
+		name, body, want string
+	}{
+		{"unknown subdirective", "frobnicate on", `unrecognized subdirective "frobnicate"`},
+		{"literal secret", "secret hunter2-hunter2-hunter2-hunter2-hunter2", "secret must be a placeholder"},
+		{"literal jwt secret", "dashboard_jwt {\n secret hunter2-hunter2-hunter2-hunter2-hunter2\n}", "secret must be a placeholder"},
+		{"redis password in url", "store redis redis://:hunter2@127.0.0.1:6379", "environment variable"},
+		{"redis bad scheme", "store redis http://127.0.0.1:6379", "redis:// or rediss://"},
+		{"store twice", "store file\nstore file", "only once"},
+		{"unknown store", "store mysql", `unknown store type "mysql"`},
+		{"store file block", "store file /x {\n foo\n}", "takes no block"},
+		{"store redis option", "store redis redis://127.0.0.1 {\n pool 3\n}", `unrecognized store redis option "pool"`},
+		{"scope without path", "scope a:b", "at least one path"},
+		{"scope methods only", "scope a:b GET", "at least one path"},
+		{"scope bad token", "scope a:b get /x", "neither an upper-case method nor a path"},
+		{"unknown jwt option", "dashboard_jwt {\n algo HS256\n}", `unrecognized dashboard_jwt option "algo"`},
+		{"jwt twice", "dashboard_jwt {\n}\ndashboard_jwt {\n}", "only once"},
+		{"bad max days", "max_expires_in_days ninety", "not a positive whole number"},
+		{"bad duration", "idempotency_ttl forever", "idempotency_ttl"},
+		{"flag with arg", "require_idempotency_key yes", "wrong argument count"},
+		{"identity option", "identity_headers {\n user X-User\n}", `unrecognized identity_headers option "user"`},
+		{"scopes empty", "scopes", "wrong argument count"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := ":8080 {\n\tapikeys {\n" + tc.body + "\n\t}\n}\n"
+			_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+			if err == nil {
+				t.Fatalf("adapted without error")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not mention %q", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "hunter2") {
+				t.Errorf("error echoes the secret: %q", err)
+			}
+		})
+	}
+}
+
+// TestProvisionErrors checks mistakes only visible at provision time.
+func TestProvisionErrors(t *testing.T) {
+	t.Setenv("SHORT_SECRET", "too-short")
+	dir := t.TempDir()
+	cases := []struct {
+		name, body, want string
+	}{
+		{"short secret", "store file " + dir + "/a.db\nsecret {env.SHORT_SECRET}", "at least 32 bytes"},
+		{"missing env secret", "store file " + dir + "/b.db\nsecret {env.APIKEYS_NOT_SET_ANYWHERE}", "secret"},
+		{"redis without secret", "store redis redis://127.0.0.1:1", "secret is required with the redis store"},
+		{"bad prefix", "store file " + dir + "/c.db\nkey_prefix WBK", "key_prefix"},
+		{"bad management path", "store file " + dir + "/d.db\nmanagement_path v1/keys", "management_path"},
+		{"bad scope name", "store file " + dir + "/e.db\nscopes bad!scope", "not a valid scope"},
+		{"bad identity header", "store file " + dir + "/f.db\nidentity_headers {\n id X_Bad:Header\n}", "not a valid header name"},
+		{"short jwt secret", "store file " + dir + "/g.db\ndashboard_jwt {\n secret {env.SHORT_SECRET}\n}", "dashboard_jwt"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := "{\n\tadmin off\n\tpersist_config off\n}\nhttp://127.0.0.1:0 {\n\tapikeys {\n" + tc.body + "\n\t}\n}\n"
+			err := loadCaddyfileErr(t, cfg)
+			if err == nil {
+				t.Fatal("config loaded without error")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not mention %q", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "too-short") {
+				t.Errorf("error echoes the secret: %q", err)
+			}
+		})
+	}
+}
