@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite: vet, unit and contract tests (real Caddy, real
+# redis-server, real backends), then an end-to-end build with xcaddy.
+#
+#   ./scripts/test.sh            everything (the first xcaddy build takes ~5 min)
+#   SKIP_E2E=1 ./scripts/test.sh everything but the xcaddy build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Tests start their own redis-server processes on free loopback ports.
+if ! command -v redis-server >/dev/null 2>&1; then
+	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+		echo "test.sh: installing redis-server (Debian package)"
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+		# The package starts a system service; the tests do not use it.
+		(service redis-server stop || true) >/dev/null 2>&1
+	fi
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+	echo "test.sh: redis-server is required (Debian/Ubuntu: apt-get install redis-server)" >&2
+	exit 1
+fi
+echo "test.sh: $(redis-server --version | cut -d' ' -f1-3), $(go version)"
+
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$unformatted" ]; then
+	echo "test.sh: gofmt would change: $unformatted" >&2
+	exit 1
+fi
+go vet ./...
+go test -race -count=1 ./...
+
+if [ "${SKIP_E2E:-}" != 1 ]; then
+	./scripts/e2e-xcaddy.sh
+fi
