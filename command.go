@@ -32,20 +32,24 @@ with the configured issuer and audience.
 
 It is meant for development: in production the dashboard issues tokens.
 `,
-		CobraFunc: func(cmd *cobra.Command) {
-			dev := &cobra.Command{
-				Use:   "dev-token",
-				Short: "Print a dashboard JWT for local testing",
-				RunE:  runDevToken,
-			}
-			dev.Flags().StringP("config", "c", "", "Configuration file (required)")
-			dev.Flags().StringP("adapter", "a", "", "Name of config adapter to apply")
-			dev.Flags().String("envfile", "", "Environment file to load before resolving placeholders")
-			dev.Flags().String("owner", "dev-user", "Owner (subject) of the token")
-			dev.Flags().Duration("ttl", time.Hour, "Lifetime of the token")
-			cmd.AddCommand(dev)
-		},
+		CobraFunc: addSubcommands,
 	})
+}
+
+// addSubcommands adds the `caddy apikeys` subcommands to cmd.
+func addSubcommands(cmd *cobra.Command) {
+	dev := &cobra.Command{
+		Use:   "dev-token",
+		Short: "Print a dashboard JWT for local testing",
+		Args:  cobra.NoArgs,
+		RunE:  runDevToken,
+	}
+	dev.Flags().StringP("config", "c", "", "Configuration file (required)")
+	dev.Flags().StringP("adapter", "a", "", "Name of config adapter to apply")
+	dev.Flags().String("envfile", "", "Environment file to load before resolving placeholders")
+	dev.Flags().String("owner", "dev-user", "Owner (subject) of the token")
+	dev.Flags().Duration("ttl", time.Hour, "Lifetime of the token")
+	cmd.AddCommand(dev)
 }
 
 func runDevToken(cmd *cobra.Command, _ []string) error {
@@ -57,6 +61,9 @@ func runDevToken(cmd *cobra.Command, _ []string) error {
 	ttl, _ := fl.GetDuration("ttl")
 	if configFile == "" {
 		return errors.New("--config is required")
+	}
+	if owner == "" || ttl <= 0 {
+		return errors.New("--owner must not be empty and --ttl must be positive")
 	}
 	if envFile != "" {
 		if err := loadEnvFile(envFile); err != nil {
@@ -98,8 +105,8 @@ func runDevToken(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Println(token)
-	return nil
+	_, err = fmt.Fprintln(cmd.OutOrStdout(), token)
+	return err
 }
 
 // findDashboardJWT returns the dashboard_jwt of the first apikeys handler in
