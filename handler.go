@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"bytes"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -71,12 +72,23 @@ func writeData(w http.ResponseWriter, status int, data any) error {
 }
 
 func writeEnvelope(w http.ResponseWriter, status int, env envelope) error {
-	body, err := json.Marshal(env)
+	body, err := marshalJSON(env)
 	if err != nil {
 		return err
 	}
 	writeRaw(w, status, body)
 	return nil
+}
+
+// marshalJSON encodes v without HTML escaping, so messages read as written.
+func marshalJSON(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }
 
 // writeRaw writes an already encoded JSON body.

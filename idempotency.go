@@ -98,7 +98,7 @@ func (h *Handler) createIdempotent(w http.ResponseWriter, r *http.Request, owner
 	if err != nil {
 		return err
 	}
-	respBody, err := json.Marshal(envelope{Success: true, Data: newKeyResponse(key, raw)})
+	respBody, err := marshalJSON(envelope{Success: true, Data: newKeyResponse(key, raw)})
 	if err != nil {
 		return err
 	}

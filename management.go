@@ -84,7 +84,7 @@ func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error 
 		return writeError(w, errStoreUnavailable)
 	}
 	h.logger.Info("api key created", zap.String("key_id", key.ID), zap.String("owner", key.Owner))
-	body, err = json.Marshal(envelope{Success: true, Data: newKeyResponse(key, raw)})
+	body, err = marshalJSON(envelope{Success: true, Data: newKeyResponse(key, raw)})
 	if err != nil {
 		return err
 	}
