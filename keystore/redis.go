@@ -1,0 +1,687 @@
+package keystore
+
+// This file implements Store on Redis: standalone, or Redis Cluster when
+// several seed URLs are given.
+//
+// Every command touches a single key, so the store works unchanged on a
+// cluster, where keys live in different hash slots. The layout under the
+// namespace ns (default "apikeys") is:
+//
+//	<ns>:id:<key ID>           string  hex digest of the key
+//	<ns>:digest:<hex digest>   string  JSON Key record
+//	<ns>:owner:<sha256 owner>  zset    index members, all scores 0 (see index.go)
+//	<ns>:idem:<record ID>      string  "<token>\n<JSON IdempotencyRecord>", with a TTL
+//
+// Create writes id, owner index, then digest record, each with NX. Only the
+// last write makes a key findable by digest (that is, valid), so a Create
+// interrupted at any point leaves nothing that validates; what it did leave
+// is ignored by reads and completed by a retry with the same key.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Defaults of [RedisOptions].
+const (
+	// DefaultRedisNamespace prefixes every Redis key the store writes.
+	DefaultRedisNamespace = "apikeys"
+	// DefaultRedisDialTimeout bounds establishing one connection.
+	DefaultRedisDialTimeout = 2 * time.Second
+	// DefaultRedisReadTimeout bounds waiting for one reply.
+	DefaultRedisReadTimeout = time.Second
+	// DefaultRedisWriteTimeout bounds sending one command.
+	DefaultRedisWriteTimeout = time.Second
+	// DefaultRedisMaxRetries is how often a failed command is retried (for
+	// example once on a pooled connection that the server closed), unless
+	// the URL sets max_retries.
+	DefaultRedisMaxRetries = 1
+)
+
+// RedisOptions configures [NewRedis]. Zero values mean the documented
+// default.
+type RedisOptions struct {
+	// URLs are redis:// or rediss:// URLs, with optional user, password,
+	// database number (/N) and go-redis query options
+	// (redis://user:pass@host:6379/0?pool_size=20). One URL connects to a
+	// standalone server; several URLs are seed nodes of a Redis Cluster
+	// (database 0 only; query options are taken from the first URL).
+	URLs []string
+	// Namespace prefixes every Redis key; default "apikeys"
+	// ([DefaultRedisNamespace]).
+	Namespace string
+	// DialTimeout bounds establishing a connection; default 2s
+	// ([DefaultRedisDialTimeout]). A non-zero value overrides the URL's
+	// dial_timeout.
+	DialTimeout time.Duration
+	// ReadTimeout bounds waiting for a reply; default 1s
+	// ([DefaultRedisReadTimeout]). A non-zero value overrides the URL's
+	// read_timeout.
+	ReadTimeout time.Duration
+	// WriteTimeout bounds sending a command; default 1s
+	// ([DefaultRedisWriteTimeout]). A non-zero value overrides the URL's
+	// write_timeout.
+	WriteTimeout time.Duration
+}
+
+// ParseRedisOptions turns opts into go-redis client options. One URL gives
+// options for a standalone client; several give Cluster seed nodes, which
+// must agree on TLS and credentials. Beyond what the URLs say it sets:
+// the timeouts (see [RedisOptions]), DefaultRedisMaxRetries unless the URL
+// sets max_retries, a single dial attempt per connection (so an unreachable
+// server fails within about DialTimeout), and ContextTimeoutEnabled, so a
+// caller's context deadline bounds each command.
+//
+// Errors never contain a password: URLs appear in them redacted.
+func ParseRedisOptions(opts RedisOptions) (*redis.UniversalOptions, error) {
+	if len(opts.URLs) == 0 {
+		return nil, errors.New("keystore: no Redis URL given")
+	}
+	var (
+		uo       *redis.UniversalOptions
+		userInfo string // username and password of the first URL that has them
+	)
+	for i, raw := range opts.URLs {
+		u, o, err := parseRedisURL(i, raw)
+		if err != nil {
+			return nil, err
+		}
+		if len(opts.URLs) > 1 && o.DB != 0 {
+			return nil, fmt.Errorf("keystore: redis URL %s: Redis Cluster has only database 0", u.Redacted())
+		}
+		if uo == nil {
+			uo = universalFromOptions(o)
+			uo.MaxRetries = DefaultRedisMaxRetries
+			if u.Query().Has("max_retries") {
+				uo.MaxRetries = o.MaxRetries
+			}
+			if o.Username != "" || o.Password != "" {
+				userInfo = o.Username + "\x00" + o.Password
+			}
+			continue
+		}
+		// Further cluster seeds: only the address is new, the rest must agree.
+		if (o.TLSConfig != nil) != (uo.TLSConfig != nil) {
+			return nil, errors.New("keystore: redis cluster URLs mix redis:// and rediss://")
+		}
+		if o.Username != "" || o.Password != "" {
+			if ui := o.Username + "\x00" + o.Password; userInfo == "" {
+				userInfo = ui
+				uo.Username, uo.Password = o.Username, o.Password
+			} else if ui != userInfo {
+				return nil, errors.New("keystore: redis cluster URLs carry different credentials")
+			}
+		}
+		uo.Addrs = append(uo.Addrs, o.Addr)
+	}
+	if len(uo.Addrs) > 1 {
+		uo.IsClusterMode = true
+		uo.DB = 0
+	}
+
+	uo.DialTimeout = pickDuration(opts.DialTimeout, uo.DialTimeout, DefaultRedisDialTimeout)
+	uo.ReadTimeout = pickDuration(opts.ReadTimeout, uo.ReadTimeout, DefaultRedisReadTimeout)
+	uo.WriteTimeout = pickDuration(opts.WriteTimeout, uo.WriteTimeout, DefaultRedisWriteTimeout)
+	uo.DialerRetries = 1
+	uo.ContextTimeoutEnabled = true
+	return uo, nil
+}
+
+// parseRedisURL parses the i-th configured URL with go-redis, without ever
+// putting the raw URL (which may hold a password) into an error.
+func parseRedisURL(i int, raw string) (*url.URL, *redis.Options, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		msg := fmt.Sprintf("keystore: redis URL #%d is not a valid URL", i+1)
+		var ue *url.Error
+		if !strings.Contains(raw, "@") && errors.As(err, &ue) {
+			return nil, nil, fmt.Errorf("%s: %w", msg, ue.Err)
+		}
+		return nil, nil, errors.New(msg + " (not shown: it may contain a password)")
+	}
+	if u.Scheme != "redis" && u.Scheme != "rediss" {
+		return nil, nil, fmt.Errorf("keystore: redis URL %s: scheme must be redis:// or rediss://", u.Redacted())
+	}
+	o, err := redis.ParseURL(raw)
+	if err != nil {
+		return nil, nil, fmt.Errorf("keystore: redis URL %s: %w", u.Redacted(), err)
+	}
+	return u, o, nil
+}
+
+// universalFromOptions copies what redis.ParseURL can set into
+// UniversalOptions.
+func universalFromOptions(o *redis.Options) *redis.UniversalOptions {
+	return &redis.UniversalOptions{
+		Addrs:                   []string{o.Addr},
+		ClientName:              o.ClientName,
+		DB:                      o.DB,
+		Protocol:                o.Protocol,
+		Username:                o.Username,
+		Password:                o.Password,
+		MinRetryBackoff:         o.MinRetryBackoff,
+		MaxRetryBackoff:         o.MaxRetryBackoff,
+		DialTimeout:             o.DialTimeout,
+		ReadTimeout:             o.ReadTimeout,
+		WriteTimeout:            o.WriteTimeout,
+		PoolFIFO:                o.PoolFIFO,
+		PoolSize:                o.PoolSize,
+		MaxConcurrentDials:      o.MaxConcurrentDials,
+		PoolTimeout:             o.PoolTimeout,
+		MinIdleConns:            o.MinIdleConns,
+		MaxIdleConns:            o.MaxIdleConns,
+		MaxActiveConns:          o.MaxActiveConns,
+		ConnMaxIdleTime:         o.ConnMaxIdleTime,
+		ConnMaxLifetime:         o.ConnMaxLifetime,
+		ConnMaxLifetimeJitter:   o.ConnMaxLifetimeJitter,
+		PipelinePoolSize:        o.PipelinePoolSize,
+		PipelineReadBufferSize:  o.PipelineReadBufferSize,
+		PipelineWriteBufferSize: o.PipelineWriteBufferSize,
+		TLSConfig:               o.TLSConfig,
+	}
+}
+
+// pickDuration returns the first of explicit, fromURL, def that is set.
+func pickDuration(explicit, fromURL, def time.Duration) time.Duration {
+	switch {
+	case explicit != 0:
+		return explicit
+	case fromURL != 0:
+		return fromURL
+	default:
+		return def
+	}
+}
+
+// RedisStore is a [Store] on Redis (standalone or Cluster). Create it with
+// [NewRedis] or [NewRedisFromClient].
+type RedisStore struct {
+	c         redis.UniversalClient
+	ns        string
+	ownClient bool // Close closes c only if NewRedis created it
+}
+
+var _ Store = (*RedisStore)(nil)
+
+// NewRedis returns a RedisStore with a new client built from opts (see
+// [ParseRedisOptions]). It does not contact Redis; call Ping to check that
+// the server is reachable.
+func NewRedis(opts RedisOptions) (*RedisStore, error) {
+	uo, err := ParseRedisOptions(opts)
+	if err != nil {
+		return nil, err
+	}
+	s := NewRedisFromClient(redis.NewUniversalClient(uo), opts.Namespace)
+	s.ownClient = true
+	return s, nil
+}
+
+// NewRedisFromClient returns a RedisStore on an existing client, with keys
+// under namespace ("" means [DefaultRedisNamespace]). Close does not close
+// c; its owner does.
+func NewRedisFromClient(c redis.UniversalClient, namespace string) *RedisStore {
+	if namespace == "" {
+		namespace = DefaultRedisNamespace
+	}
+	return &RedisStore{c: c, ns: namespace}
+}
+
+func (s *RedisStore) idKey(id string) string      { return s.ns + ":id:" + id }
+func (s *RedisStore) digestKey(hex string) string { return s.ns + ":digest:" + hex }
+func (s *RedisStore) ownerKey(owner string) string {
+	return s.ns + ":owner:" + ownerHash(owner)
+}
+func (s *RedisStore) idemKey(id string) string { return s.ns + ":idem:" + id }
+
+// Create implements [Store.Create] with three single-key writes, in an order
+// that is safe to interrupt (see the file comment).
+func (s *RedisStore) Create(ctx context.Context, k *Key) error {
+	if err := validateKey(k); err != nil {
+		return err
+	}
+	record, err := json.Marshal(k)
+	if err != nil {
+		return fmt.Errorf("keystore: encode key: %w", err)
+	}
+	digestHex := k.Digest.String()
+
+	// 1. Claim the ID for this digest.
+	claimed, err := s.c.SetNX(ctx, s.idKey(k.ID), digestHex, 0).Result()
+	if err != nil {
+		return fmt.Errorf("keystore: redis create key (id): %w", err)
+	}
+	if !claimed {
+		cur, err := s.c.Get(ctx, s.idKey(k.ID)).Result()
+		if err != nil {
+			// redis.Nil included: IDs are never deleted, so the value that
+			// made SETNX fail must still be there.
+			return fmt.Errorf("keystore: redis create key (read id): %w", err)
+		}
+		d, err := ParseDigest(cur)
+		if err != nil || !d.Equal(k.Digest) {
+			return ErrConflict
+		}
+	}
+
+	// 2. List it under its owner. Until step 3 the entry is skipped by List.
+	if err := s.c.ZAdd(ctx, s.ownerKey(k.Owner), redis.Z{Member: indexMember(k)}).Err(); err != nil {
+		return fmt.Errorf("keystore: redis create key (owner index): %w", err)
+	}
+
+	// 3. Publish the record: from here on the key validates.
+	stored, err := s.c.SetNX(ctx, s.digestKey(digestHex), record, 0).Result()
+	if err != nil {
+		return fmt.Errorf("keystore: redis create key (record): %w", err)
+	}
+	if !stored {
+		existing, err := s.getRecord(ctx, digestHex)
+		if err != nil {
+			return err
+		}
+		if existing.ID != k.ID {
+			return ErrConflict
+		}
+	}
+	return nil
+}
+
+// getRecord reads and decodes the record at <ns>:digest:<digestHex>.
+func (s *RedisStore) getRecord(ctx context.Context, digestHex string) (*Key, error) {
+	data, err := s.c.Get(ctx, s.digestKey(digestHex)).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("keystore: redis get key: %w", err)
+	}
+	return decodeKey(data)
+}
+
+// decodeKey decodes a stored JSON key record.
+func decodeKey(data []byte) (*Key, error) {
+	var k Key
+	if err := json.Unmarshal(data, &k); err != nil {
+		return nil, fmt.Errorf("keystore: decode stored key: %w", err)
+	}
+	return &k, nil
+}
+
+// ByDigest implements [Store.ByDigest].
+func (s *RedisStore) ByDigest(ctx context.Context, d Digest) (*Key, error) {
+	k, err := s.getRecord(ctx, d.String())
+	if err != nil {
+		return nil, err
+	}
+	if !k.Digest.Equal(d) {
+		return nil, errors.New("keystore: stored key record does not match its digest")
+	}
+	return k, nil
+}
+
+// digestOf returns the hex digest the ID points to, or ErrNotFound.
+func (s *RedisStore) digestOf(ctx context.Context, id string) (string, error) {
+	if id == "" {
+		return "", ErrNotFound
+	}
+	digestHex, err := s.c.Get(ctx, s.idKey(id)).Result()
+	if errors.Is(err, redis.Nil) {
+		return "", ErrNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("keystore: redis get key id: %w", err)
+	}
+	return digestHex, nil
+}
+
+// Get implements [Store.Get].
+func (s *RedisStore) Get(ctx context.Context, id string) (*Key, error) {
+	digestHex, err := s.digestOf(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	k, err := s.getRecord(ctx, digestHex)
+	if err != nil {
+		return nil, err
+	}
+	if k.ID != id {
+		// The ID was claimed by a Create whose digest belongs to another
+		// key (it failed with ErrConflict); the ID names no key.
+		return nil, ErrNotFound
+	}
+	return k, nil
+}
+
+// List implements [Store.List]. It walks the owner's index backwards in
+// batches, resolving each member to its record with two pipelined GETs, and
+// skips members without a record (interrupted or conflicting Creates).
+func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) ([]*Key, string, error) {
+	if err := checkLimit(limit); err != nil {
+		return nil, "", err
+	}
+	if err := checkCursor(cursor); err != nil {
+		return nil, "", err
+	}
+	start := "+"
+	if cursor != "" {
+		start = "(" + cursor
+	}
+	ownerKey := s.ownerKey(owner)
+
+	// Collect limit+1 keys: the extra one tells whether there is a next page.
+	var (
+		keys    []*Key
+		members []string
+	)
+	for len(keys) <= limit {
+		want := limit + 1 - len(keys)
+		batch, err := s.c.ZRangeArgs(ctx, redis.ZRangeArgs{
+			Key: ownerKey, Start: start, Stop: "-",
+			ByLex: true, Rev: true, Count: int64(want),
+		}).Result()
+		if err != nil {
+			return nil, "", fmt.Errorf("keystore: redis list keys: %w", err)
+		}
+		found, err := s.resolve(ctx, owner, batch)
+		if err != nil {
+			return nil, "", err
+		}
+		for i, k := range found {
+			if k != nil {
+				keys = append(keys, k)
+				members = append(members, batch[i])
+			}
+		}
+		if len(batch) < want {
+			break // the index has no more members
+		}
+		start = "(" + batch[len(batch)-1]
+	}
+
+	if len(keys) <= limit {
+		return keys, "", nil
+	}
+	return keys[:limit], members[limit-1], nil
+}
+
+// resolve looks up the records of index members; the result has nil where a
+// member has no (matching) record.
+func (s *RedisStore) resolve(ctx context.Context, owner string, members []string) ([]*Key, error) {
+	out := make([]*Key, len(members))
+	if len(members) == 0 {
+		return out, nil
+	}
+	ids := make([]string, len(members))
+	for i, m := range members {
+		ids[i], _ = memberID(m)
+	}
+
+	idCmds := make([]*redis.StringCmd, len(members))
+	if _, err := s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, id := range ids {
+			idCmds[i] = p.Get(ctx, s.idKey(id))
+		}
+		return nil
+	}); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("keystore: redis list keys (ids): %w", err)
+	}
+
+	recCmds := make([]*redis.StringCmd, len(members))
+	if _, err := s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, cmd := range idCmds {
+			digestHex, err := cmd.Result()
+			switch {
+			case errors.Is(err, redis.Nil):
+				// no such ID: skip the member
+			case err != nil:
+				return err
+			default:
+				recCmds[i] = p.Get(ctx, s.digestKey(digestHex))
+			}
+		}
+		return nil
+	}); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("keystore: redis list keys (records): %w", err)
+	}
+
+	for i, cmd := range recCmds {
+		if cmd == nil {
+			continue
+		}
+		data, err := cmd.Bytes()
+		if errors.Is(err, redis.Nil) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("keystore: redis list keys (records): %w", err)
+		}
+		k, err := decodeKey(data)
+		if err != nil {
+			return nil, err
+		}
+		if k.ID == ids[i] && k.Owner == owner {
+			out[i] = k
+		}
+	}
+	return out, nil
+}
+
+// revokeAttempts bounds the optimistic-locking retries of Revoke.
+const revokeAttempts = 16
+
+// Revoke implements [Store.Revoke]. It updates the record with WATCH/MULTI
+// on its single key (valid on a cluster), so concurrent revokes agree on
+// one RevokedAt.
+func (s *RedisStore) Revoke(ctx context.Context, id string, at time.Time) (*Key, error) {
+	digestHex, err := s.digestOf(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	recKey := s.digestKey(digestHex)
+	for range revokeAttempts {
+		var out *Key
+		err := s.c.Watch(ctx, func(tx *redis.Tx) error {
+			data, err := tx.Get(ctx, recKey).Bytes()
+			if errors.Is(err, redis.Nil) {
+				return ErrNotFound
+			}
+			if err != nil {
+				return err
+			}
+			k, err := decodeKey(data)
+			if err != nil {
+				return err
+			}
+			if k.ID != id {
+				return ErrNotFound
+			}
+			if k.RevokedAt != nil {
+				out = k
+				return nil
+			}
+			revokedAt := at
+			k.RevokedAt = &revokedAt
+			updated, err := json.Marshal(k)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.SetXX(ctx, recKey, updated, 0)
+				return nil
+			}); err != nil {
+				return err
+			}
+			out = k
+			return nil
+		}, recKey)
+		switch {
+		case errors.Is(err, redis.TxFailedErr):
+			continue // the record changed under us: read it again
+		case errors.Is(err, ErrNotFound):
+			return nil, ErrNotFound
+		case err != nil:
+			return nil, fmt.Errorf("keystore: redis revoke key: %w", err)
+		}
+		return out, nil
+	}
+	return nil, errors.New("keystore: redis revoke key: too much contention, try again")
+}
+
+// Idempotency records are stored as "<token>\n<json>" so that the scripts
+// below can compare the token without decoding JSON.
+
+// replaceIdemScript sets KEYS[1] to ARGV[2] with a TTL of ARGV[3] ms if the
+// stored token equals ARGV[1]. It returns 1 on success, 0 otherwise.
+var replaceIdemScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local nl = string.find(v, '\n', 1, true)
+if not nl or string.sub(v, 1, nl - 1) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+`)
+
+// deleteIdemScript deletes KEYS[1] if the stored token equals ARGV[1]. It
+// returns 1 if it deleted the record, 0 otherwise.
+var deleteIdemScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local nl = string.find(v, '\n', 1, true)
+if not nl or string.sub(v, 1, nl - 1) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+`)
+
+// encodeIdem returns the stored form of rec.
+func encodeIdem(rec *IdempotencyRecord) (string, error) {
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return "", fmt.Errorf("keystore: encode idempotency record: %w", err)
+	}
+	return rec.Token + "\n" + string(data), nil
+}
+
+// decodeIdem parses the stored form of an idempotency record.
+func decodeIdem(v string) (*IdempotencyRecord, error) {
+	_, data, ok := strings.Cut(v, "\n")
+	if !ok {
+		return nil, errors.New("keystore: decode idempotency record: missing token separator")
+	}
+	var rec IdempotencyRecord
+	if err := json.Unmarshal([]byte(data), &rec); err != nil {
+		return nil, fmt.Errorf("keystore: decode idempotency record: %w", err)
+	}
+	return &rec, nil
+}
+
+// reserveAttempts bounds the retries of ReserveIdempotency when the record
+// it collided with expires before it could be read.
+const reserveAttempts = 8
+
+// ReserveIdempotency implements [Store.ReserveIdempotency] with SET NX PX.
+func (s *RedisStore) ReserveIdempotency(ctx context.Context, id string, rec *IdempotencyRecord, ttl time.Duration) (*IdempotencyRecord, error) {
+	if err := validateIdempotency(id, rec, ttl); err != nil {
+		return nil, err
+	}
+	value, err := encodeIdem(rec)
+	if err != nil {
+		return nil, err
+	}
+	key := s.idemKey(id)
+	for range reserveAttempts {
+		ok, err := s.c.SetArgs(ctx, key, value, redis.SetArgs{Mode: "NX", TTL: ttl}).Result()
+		if err == nil && ok == "OK" {
+			return nil, nil
+		}
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("keystore: redis reserve idempotency record: %w", err)
+		}
+		existing, err := s.GetIdempotency(ctx, id)
+		if errors.Is(err, ErrNotFound) {
+			continue // expired in between: try to reserve again
+		}
+		return existing, err
+	}
+	return nil, errors.New("keystore: redis reserve idempotency record: too much contention, try again")
+}
+
+// GetIdempotency implements [Store.GetIdempotency].
+func (s *RedisStore) GetIdempotency(ctx context.Context, id string) (*IdempotencyRecord, error) {
+	if id == "" {
+		return nil, ErrNotFound
+	}
+	v, err := s.c.Get(ctx, s.idemKey(id)).Result()
+	if errors.Is(err, redis.Nil) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("keystore: redis get idempotency record: %w", err)
+	}
+	return decodeIdem(v)
+}
+
+// ReplaceIdempotency implements [Store.ReplaceIdempotency] with a
+// single-key compare-and-set script.
+func (s *RedisStore) ReplaceIdempotency(ctx context.Context, id, token string, rec *IdempotencyRecord, ttl time.Duration) error {
+	if err := validateIdempotency(id, rec, ttl); err != nil {
+		return err
+	}
+	value, err := encodeIdem(rec)
+	if err != nil {
+		return err
+	}
+	n, err := replaceIdemScript.Run(ctx, s.c, []string{s.idemKey(id)}, token, value, ttl.Milliseconds()).Int()
+	if err != nil {
+		return fmt.Errorf("keystore: redis replace idempotency record: %w", err)
+	}
+	if n != 1 {
+		return ErrConflict
+	}
+	return nil
+}
+
+// DeleteIdempotency implements [Store.DeleteIdempotency] with a single-key
+// compare-and-delete script.
+func (s *RedisStore) DeleteIdempotency(ctx context.Context, id, token string) error {
+	if id == "" {
+		return nil
+	}
+	if err := deleteIdemScript.Run(ctx, s.c, []string{s.idemKey(id)}, token).Err(); err != nil {
+		return fmt.Errorf("keystore: redis delete idempotency record: %w", err)
+	}
+	return nil
+}
+
+// Ping implements [Store.Ping]. On a cluster it checks every known node.
+func (s *RedisStore) Ping(ctx context.Context) error {
+	if cc, ok := s.c.(*redis.ClusterClient); ok {
+		if err := cc.ForEachShard(ctx, func(ctx context.Context, c *redis.Client) error {
+			return c.Ping(ctx).Err()
+		}); err != nil {
+			return fmt.Errorf("keystore: redis ping: %w", err)
+		}
+		return nil
+	}
+	if err := s.c.Ping(ctx).Err(); err != nil {
+		return fmt.Errorf("keystore: redis ping: %w", err)
+	}
+	return nil
+}
+
+// Close implements [Store.Close]. It closes the client if [NewRedis] created
+// it, and does nothing for a client passed to [NewRedisFromClient].
+func (s *RedisStore) Close() error {
+	if !s.ownClient {
+		return nil
+	}
+	if err := s.c.Close(); err != nil {
+		return fmt.Errorf("keystore: redis close: %w", err)
+	}
+	return nil
+}

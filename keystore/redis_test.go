@@ -1,0 +1,560 @@
+package keystore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
+)
+
+// redisNamespaces makes every test store's namespace unique, so parallel
+// subtests share one redis-server without seeing each other's keys.
+var redisNamespaces atomic.Int64
+
+// newRedisStore returns a RedisStore on srv in a fresh namespace.
+func newRedisStore(t *testing.T, srv *testredis.Server, opts RedisOptions) *RedisStore {
+	t.Helper()
+	opts.URLs = []string{srv.URL()}
+	if opts.Namespace == "" {
+		opts.Namespace = fmt.Sprintf("test%d", redisNamespaces.Add(1))
+	}
+	s, err := NewRedis(opts)
+	if err != nil {
+		t.Fatalf("NewRedis: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+func TestRedisConformance(t *testing.T) {
+	srv := testredis.Start(t)
+	runConformance(t, func(t *testing.T) Store {
+		return newRedisStore(t, srv, RedisOptions{})
+	})
+}
+
+// TestRedisKeyLayout pins the documented Redis key layout: other tools
+// (and future versions) rely on it.
+func TestRedisKeyLayout(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+	s := newRedisStore(t, srv, RedisOptions{Namespace: "ns"})
+	ctx := ctxT(t)
+
+	k := newKey(t, "alice@example.com", time.UnixMilli(1754827200123).UTC())
+	mustCreate(t, s, k)
+
+	if got := rdb.Get(ctx, "ns:id:"+k.ID).Val(); got != k.Digest.String() {
+		t.Errorf("ns:id:<id> = %q, want the hex digest", got)
+	}
+	if n := rdb.Exists(ctx, "ns:digest:"+k.Digest.String()).Val(); n != 1 {
+		t.Errorf("ns:digest:<hex> missing")
+	}
+	members := rdb.ZRangeWithScores(ctx, "ns:owner:"+ownerHash("alice@example.com"), 0, -1).Val()
+	want := "0001754827200123:" + k.ID
+	if len(members) != 1 || members[0].Member != want || members[0].Score != 0 {
+		t.Errorf("owner index = %+v, want one member %q with score 0", members, want)
+	}
+
+	if _, err := s.ReserveIdempotency(ctx, "idem-1", newIdem("tok"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	v := rdb.Get(ctx, "ns:idem:idem-1").Val()
+	if !strings.HasPrefix(v, "tok\n{") {
+		t.Errorf("ns:idem:<id> = %q, want \"<token>\\n<json>\"", v)
+	}
+	if ttl := rdb.PTTL(ctx, "ns:idem:idem-1").Val(); ttl <= 0 || ttl > time.Minute {
+		t.Errorf("idempotency TTL = %s, want (0, 1m]", ttl)
+	}
+
+	// Nothing stored under the raw key or outside the namespace.
+	keys := rdb.Keys(ctx, "*").Val()
+	for _, key := range keys {
+		if !strings.HasPrefix(key, "ns:") {
+			t.Errorf("key %q outside the namespace", key)
+		}
+	}
+}
+
+// TestRedisInterruptedCreate simulates a crash after steps 1 and 2 of
+// Create: the key must not validate, must not be listed, and a retry of the
+// same Create must complete it.
+func TestRedisInterruptedCreate(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+	s := newRedisStore(t, srv, RedisOptions{Namespace: "crash"})
+	ctx := ctxT(t)
+
+	keys := createSeries(t, s, "user-1", 4)
+	want := newestFirst(keys)
+
+	// Interrupted creates, written by hand: newest of all, and one in the
+	// middle of the series (so it sits on page boundaries).
+	var orphans []*Key
+	for _, created := range []time.Time{time.Now(), keys[1].CreatedAt.Add(200 * time.Microsecond)} {
+		o := newKey(t, "user-1", created)
+		orphans = append(orphans, o)
+		if err := rdb.Set(ctx, "crash:id:"+o.ID, o.Digest.String(), 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if err := rdb.ZAdd(ctx, "crash:owner:"+ownerHash("user-1"), redis.Z{Member: indexMember(o)}).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	for _, o := range orphans {
+		if _, err := s.ByDigest(ctx, o.Digest); !errors.Is(err, ErrNotFound) {
+			t.Errorf("ByDigest(interrupted): got %v, want ErrNotFound", err)
+		}
+		if _, err := s.Get(ctx, o.ID); !errors.Is(err, ErrNotFound) {
+			t.Errorf("Get(interrupted): got %v, want ErrNotFound", err)
+		}
+		if _, err := s.Revoke(ctx, o.ID, time.Now()); !errors.Is(err, ErrNotFound) {
+			t.Errorf("Revoke(interrupted): got %v, want ErrNotFound", err)
+		}
+	}
+	for limit := 1; limit <= len(want)+1; limit++ {
+		if got := listAll(t, s, "user-1", limit); !slices.Equal(got, want) {
+			t.Errorf("limit %d: listed %v, want %v", limit, got, want)
+		}
+	}
+
+	// The retried Create completes the interrupted one.
+	mustCreate(t, s, orphans[0])
+	got, err := s.ByDigest(ctx, orphans[0].Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertKey(t, orphans[0], got)
+	page, _, err := s.List(ctx, "user-1", "", 1)
+	if err != nil || len(page) != 1 || page[0].ID != orphans[0].ID {
+		t.Errorf("completed key is not listed first: %v %v", ids(page), err)
+	}
+}
+
+// assertUnavailable fails unless err is a plain failure: not nil, not a
+// sentinel, and without the secret.
+func assertUnavailable(t *testing.T, op string, err error) {
+	t.Helper()
+	if err == nil {
+		t.Errorf("%s: succeeded on an unavailable store", op)
+		return
+	}
+	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) {
+		t.Errorf("%s: got %v, a sentinel; want a store failure", op, err)
+	}
+	if !strings.HasPrefix(err.Error(), "keystore: ") {
+		t.Errorf("%s: error %q lacks context", op, err)
+	}
+}
+
+// exerciseUnavailable calls every Store method and checks each fails as
+// unavailable within limit.
+func exerciseUnavailable(t *testing.T, s Store, limit time.Duration) {
+	t.Helper()
+	k := newKey(t, "user-1", time.Now())
+	ops := map[string]func(ctx context.Context) error{
+		"Ping":   func(ctx context.Context) error { return s.Ping(ctx) },
+		"Create": func(ctx context.Context) error { return s.Create(ctx, k) },
+		"ByDigest": func(ctx context.Context) error {
+			_, err := s.ByDigest(ctx, k.Digest)
+			return err
+		},
+		"Get": func(ctx context.Context) error {
+			_, err := s.Get(ctx, k.ID)
+			return err
+		},
+		"List": func(ctx context.Context) error {
+			_, _, err := s.List(ctx, "user-1", "", 10)
+			return err
+		},
+		"Revoke": func(ctx context.Context) error {
+			_, err := s.Revoke(ctx, k.ID, time.Now())
+			return err
+		},
+		"ReserveIdempotency": func(ctx context.Context) error {
+			_, err := s.ReserveIdempotency(ctx, "i", newIdem("t"), time.Minute)
+			return err
+		},
+		"GetIdempotency": func(ctx context.Context) error {
+			_, err := s.GetIdempotency(ctx, "i")
+			return err
+		},
+		"ReplaceIdempotency": func(ctx context.Context) error {
+			return s.ReplaceIdempotency(ctx, "i", "t", newIdem("t"), time.Minute)
+		},
+		"DeleteIdempotency": func(ctx context.Context) error {
+			return s.DeleteIdempotency(ctx, "i", "t")
+		},
+	}
+	for name, op := range ops {
+		start := time.Now()
+		err := op(context.Background())
+		if elapsed := time.Since(start); elapsed > limit {
+			t.Errorf("%s took %s on an unavailable store, want <= %s", name, elapsed, limit)
+		}
+		assertUnavailable(t, name, err)
+	}
+}
+
+// TestRedisStopped checks that a stopped server gives prompt, non-sentinel
+// errors from every method, and that the store recovers when it is back.
+func TestRedisStopped(t *testing.T) {
+	srv := testredis.Start(t)
+	s := newRedisStore(t, srv, RedisOptions{
+		DialTimeout: 500 * time.Millisecond, ReadTimeout: 500 * time.Millisecond, WriteTimeout: 500 * time.Millisecond,
+	})
+	if err := s.Ping(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	srv.Stop()
+	exerciseUnavailable(t, s, 2*time.Second)
+
+	srv.Restart()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := s.Ping(ctxT(t))
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("store did not recover after restart: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	k := newKey(t, "user-1", time.Now())
+	mustCreate(t, s, k)
+	if _, err := s.ByDigest(ctxT(t), k.Digest); err != nil {
+		t.Fatalf("ByDigest after restart: %v", err)
+	}
+}
+
+// TestRedisNeverReachable checks a store whose server never existed.
+func TestRedisNeverReachable(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens here now
+
+	s, err := NewRedis(RedisOptions{URLs: []string{"redis://" + addr}, DialTimeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	exerciseUnavailable(t, s, 2*time.Second)
+}
+
+// TestRedisHungServer checks that a server that accepts connections but
+// never answers fails within the configured read timeout (times the one
+// retry), not forever.
+func TestRedisHungServer(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c) // hold it open, never reply
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+
+	s, err := NewRedis(RedisOptions{
+		URLs:        []string{"redis://" + l.Addr().String()},
+		DialTimeout: 300 * time.Millisecond, ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	start := time.Now()
+	err = s.Ping(context.Background())
+	assertUnavailable(t, "Ping", err)
+	if elapsed := time.Since(start); elapsed > 3*time.Second {
+		t.Errorf("Ping on a hung server took %s", elapsed)
+	}
+
+	// A caller's deadline bounds a call too.
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	_, err = s.ByDigest(ctx, newKey(t, "u", time.Now()).Digest)
+	assertUnavailable(t, "ByDigest", err)
+	if elapsed := time.Since(start); elapsed > time.Second {
+		t.Errorf("ByDigest with a 100ms deadline took %s", elapsed)
+	}
+}
+
+// TestRedisAuth checks that credentials in the URL are used, and that a
+// wrong password neither works nor shows up in errors.
+func TestRedisAuth(t *testing.T) {
+	const password = "s3cret-pass-phrase"
+	srv := testredis.Start(t, "--requirepass", password)
+
+	good, err := NewRedis(RedisOptions{URLs: []string{"redis://:" + password + "@" + srv.Addr() + "/0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer good.Close()
+	if err := good.Ping(ctxT(t)); err != nil {
+		t.Fatalf("Ping with the right password: %v", err)
+	}
+	mustCreate(t, good, newKey(t, "u", time.Now()))
+
+	const wrong = "wrong-pass-phrase"
+	bad, err := NewRedis(RedisOptions{URLs: []string{"redis://default:" + wrong + "@" + srv.Addr()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bad.Close()
+	err = bad.Ping(ctxT(t))
+	assertUnavailable(t, "Ping with a wrong password", err)
+	if err != nil && strings.Contains(err.Error(), wrong) {
+		t.Errorf("error reveals the password: %v", err)
+	}
+}
+
+func TestRedisCloseOwnership(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+
+	borrowed := NewRedisFromClient(rdb, "")
+	if borrowed.ns != DefaultRedisNamespace {
+		t.Errorf("namespace %q, want default %q", borrowed.ns, DefaultRedisNamespace)
+	}
+	if err := borrowed.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.Ping(ctxT(t)).Err(); err != nil {
+		t.Errorf("Close closed a borrowed client: %v", err)
+	}
+
+	owned := newRedisStore(t, srv, RedisOptions{})
+	if err := owned.Close(); err != nil {
+		t.Fatal(err)
+	}
+	assertUnavailable(t, "Ping after Close", owned.Ping(ctxT(t)))
+}
+
+func TestParseRedisOptions(t *testing.T) {
+	t.Run("standalone", func(t *testing.T) {
+		o, err := ParseRedisOptions(RedisOptions{URLs: []string{"redis://user:pw@cache.internal:6380/3?pool_size=7"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(o.Addrs, []string{"cache.internal:6380"}) || o.Username != "user" || o.Password != "pw" ||
+			o.DB != 3 || o.PoolSize != 7 || o.TLSConfig != nil || o.IsClusterMode {
+			t.Errorf("got %+v", o)
+		}
+		if o.DialTimeout != 2*time.Second || o.ReadTimeout != time.Second || o.WriteTimeout != time.Second {
+			t.Errorf("timeouts %s/%s/%s, want the defaults 2s/1s/1s", o.DialTimeout, o.ReadTimeout, o.WriteTimeout)
+		}
+		if o.MaxRetries != DefaultRedisMaxRetries || o.DialerRetries != 1 || !o.ContextTimeoutEnabled {
+			t.Errorf("retries %d/%d, context timeouts %v", o.MaxRetries, o.DialerRetries, o.ContextTimeoutEnabled)
+		}
+		if _, ok := redis.NewUniversalClient(o).(*redis.Client); !ok {
+			t.Error("one URL did not give a standalone client")
+		}
+	})
+	t.Run("tls", func(t *testing.T) {
+		o, err := ParseRedisOptions(RedisOptions{URLs: []string{"rediss://cache.example.com"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o.TLSConfig == nil || o.TLSConfig.ServerName != "cache.example.com" || o.Addrs[0] != "cache.example.com:6379" {
+			t.Errorf("got %+v", o)
+		}
+	})
+	t.Run("timeouts", func(t *testing.T) {
+		o, err := ParseRedisOptions(RedisOptions{
+			URLs:        []string{"redis://h?dial_timeout=5s&read_timeout=3s&max_retries=4"},
+			ReadTimeout: 250 * time.Millisecond,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o.DialTimeout != 5*time.Second || o.ReadTimeout != 250*time.Millisecond || o.WriteTimeout != time.Second || o.MaxRetries != 4 {
+			t.Errorf("dial %s read %s write %s retries %d", o.DialTimeout, o.ReadTimeout, o.WriteTimeout, o.MaxRetries)
+		}
+	})
+	t.Run("cluster", func(t *testing.T) {
+		o, err := ParseRedisOptions(RedisOptions{URLs: []string{
+			"rediss://u:pw@n1:7000?pool_size=9", "rediss://n2:7001", "rediss://u:pw@n3:7002/0",
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(o.Addrs, []string{"n1:7000", "n2:7001", "n3:7002"}) || !o.IsClusterMode ||
+			o.Username != "u" || o.Password != "pw" || o.TLSConfig == nil || o.PoolSize != 9 {
+			t.Errorf("got %+v", o)
+		}
+		c := redis.NewUniversalClient(o)
+		defer c.Close()
+		if _, ok := c.(*redis.ClusterClient); !ok {
+			t.Errorf("several URLs gave a %T, want a cluster client", c)
+		}
+	})
+
+	const secret = "hunter2-very-secret"
+	for name, urls := range map[string][]string{
+		"none":               nil,
+		"bad scheme":         {"http://u:" + secret + "@h"},
+		"unix":               {"unix:///tmp/redis.sock"},
+		"unparsable":         {"redis://u:" + secret + "@h:port"},
+		"unknown option":     {"redis://u:" + secret + "@h?bogus=1"},
+		"bad db":             {"redis://u:" + secret + "@h/x"},
+		"cluster db":         {"redis://h1/0", "redis://u:" + secret + "@h2/2"},
+		"cluster mixed tls":  {"redis://h1", "rediss://h2"},
+		"cluster creds":      {"redis://u:" + secret + "@h1", "redis://u:other@h2"},
+		"unparsable escape":  {"redis://u:" + secret + "%zz@h"},
+		"unparsable control": {"redis://u:" + secret + "\x7f@h"},
+	} {
+		t.Run("error "+name, func(t *testing.T) {
+			_, err := ParseRedisOptions(RedisOptions{URLs: urls})
+			if err == nil {
+				t.Fatalf("%v accepted", urls)
+			}
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("error reveals the password: %v", err)
+			}
+			if _, err := NewRedis(RedisOptions{URLs: urls}); err == nil {
+				t.Error("NewRedis accepted it")
+			}
+		})
+	}
+}
+
+// failNth is a go-redis hook that fails the n-th write command (SET or
+// ZADD, counting from 0) it sees. If after is set the command still runs and only its reply is
+// lost, as when a connection drops mid-request.
+type failNth struct {
+	mu    sync.Mutex
+	n     int
+	after bool
+	seen  int
+}
+
+func (h *failNth) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *failNth) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (h *failNth) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if name := cmd.Name(); name != "set" && name != "zadd" {
+			return next(ctx, cmd) // connection setup (HELLO...) and reads
+		}
+		h.mu.Lock()
+		fail := h.seen == h.n
+		h.seen++
+		h.mu.Unlock()
+		if !fail {
+			return next(ctx, cmd)
+		}
+		if h.after {
+			_ = next(ctx, cmd)
+		}
+		err := errors.New("injected failure")
+		cmd.SetErr(err)
+		return err
+	}
+}
+
+// TestRedisCreateInterruptedAtEachStep fails each of Create's three writes
+// in turn, before or after it reaches Redis, and checks the durability
+// contract: whatever validates is listed and revocable, and a retry
+// completes the key.
+func TestRedisCreateInterruptedAtEachStep(t *testing.T) {
+	srv := testredis.Start(t)
+	for step := range 3 {
+		for _, after := range []bool{false, true} {
+			t.Run(fmt.Sprintf("step%d/after=%v", step+1, after), func(t *testing.T) {
+				ctx := ctxT(t)
+				rdb := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+				defer rdb.Close()
+				hook := &failNth{n: step, after: after}
+				rdb.AddHook(hook)
+				ns := fmt.Sprintf("step%d%v", step, after)
+				s := NewRedisFromClient(rdb, ns)
+				if err := s.Ping(ctx); err != nil {
+					t.Fatal(err)
+				}
+
+				k := newKey(t, "user-1", time.Now())
+				if err := s.Create(ctx, k); err == nil {
+					t.Fatal("Create succeeded despite the injected failure")
+				} else if errors.Is(err, ErrConflict) || errors.Is(err, ErrNotFound) {
+					t.Fatalf("Create failed with a sentinel: %v", err)
+				}
+				hook.mu.Lock()
+				hook.n = -1 // no more failures
+				hook.mu.Unlock()
+
+				found, err := s.ByDigest(ctx, k.Digest)
+				switch {
+				case errors.Is(err, ErrNotFound):
+					if listed := listAll(t, s, "user-1", 10); len(listed) != 0 {
+						t.Errorf("a key that does not validate is listed: %v", listed)
+					}
+				case err != nil:
+					t.Fatal(err)
+				default:
+					// It validates (only possible when the last write landed):
+					// then it must be listed and revocable.
+					if step != 2 || !after {
+						t.Errorf("key validates after a failure at step %d", step+1)
+					}
+					assertKey(t, k, found)
+					if listed := listAll(t, s, "user-1", 10); !slices.Equal(listed, []string{k.ID}) {
+						t.Errorf("validating key not listed: %v", listed)
+					}
+				}
+
+				// The retried Create completes the key.
+				mustCreate(t, s, k)
+				got, err := s.ByDigest(ctx, k.Digest)
+				if err != nil {
+					t.Fatal(err)
+				}
+				assertKey(t, k, got)
+				if listed := listAll(t, s, "user-1", 10); !slices.Equal(listed, []string{k.ID}) {
+					t.Errorf("after retry listed %v", listed)
+				}
+				if _, err := s.Revoke(ctx, k.ID, time.Now()); err != nil {
+					t.Errorf("Revoke after retry: %v", err)
+				}
+			})
+		}
+	}
+}
