@@ -45,6 +45,38 @@ type Key struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 	// RevokedAt is when the key was revoked; nil means not revoked.
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+	// Replaces is the ID of the key this one replaced in a rotation.
+	Replaces string `json:"replaces,omitempty"`
+	// ReplacedBy is the ID of the key that replaced this one in a
+	// rotation; the rotation also brought ExpiresAt forward to the end of
+	// the grace period.
+	ReplacedBy string `json:"replaced_by,omitempty"`
+	// LastUsedAt is when the key last passed the guard, as recorded with
+	// [Store.RecordUsage] (so it lags by the caller's flush interval). Get,
+	// ByDigest and List fill it in; it is not part of the stored record.
+	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
+}
+
+// Key statuses, as reported by [Key.Status].
+const (
+	StatusActive   = "active"
+	StatusRotating = "rotating"
+	StatusExpired  = "expired"
+	StatusRevoked  = "revoked"
+)
+
+// Status reports k's state at time now: revoked, expired, rotating (replaced
+// by a newer key but still inside its grace period) or active.
+func (k *Key) Status(now time.Time) string {
+	switch {
+	case k.RevokedAt != nil && !now.Before(*k.RevokedAt):
+		return StatusRevoked
+	case k.ExpiresAt != nil && !now.Before(*k.ExpiresAt):
+		return StatusExpired
+	case k.ReplacedBy != "":
+		return StatusRotating
+	}
+	return StatusActive
 }
 
 // Active reports whether k validates at time now: not revoked and not expired.
@@ -131,6 +163,20 @@ type Store interface {
 	// Revoke marks the key revoked at time at and returns the updated key,
 	// or ErrNotFound. Revoking a revoked key returns it unchanged.
 	Revoke(ctx context.Context, id string, at time.Time) (*Key, error)
+	// Update loads the key with the given ID, applies fn to it and stores
+	// the result, atomically with respect to other writers of that key (fn
+	// may run more than once under contention, so it must be free of side
+	// effects). An error from fn aborts the update and is returned as is.
+	// fn may change Name, Scopes, ExpiresAt, RevokedAt, Replaces and
+	// ReplacedBy; a change to ID, Owner, Digest, Prefix or CreatedAt gives
+	// ErrConflict. Returns the updated key, or ErrNotFound.
+	Update(ctx context.Context, id string, fn func(*Key) error) (*Key, error)
+	// RecordUsage stores when keys were last used, by key ID, keeping the
+	// later of the stored and the given time. Unknown IDs are ignored.
+	RecordUsage(ctx context.Context, used map[string]time.Time) error
+	// CountOwner returns how many keys are stored under owner, including
+	// revoked and expired keys that retention has not removed yet.
+	CountOwner(ctx context.Context, owner string) (int, error)
 
 	// ReserveIdempotency stores rec under id if no record exists there,
 	// kept for ttl, and returns (nil, nil). If a record exists it is
