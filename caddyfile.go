@@ -43,6 +43,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			audience <aud>
 //			owner_claim <claim>
 //			leeway <duration>
+//			scopes_claim <claim>
 //		}
 //		scopes <scope>...
 //		scope <scope> [<METHOD>...] <path>...
@@ -51,6 +52,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		require_idempotency_key
 //		store_timeout <duration>
 //		realm <realm>
+//		max_keys_per_owner <n>
+//		last_used_interval <duration>
+//		cors_origins <origin>...
 //		identity_headers {
 //			id <header>
 //			owner <header>
@@ -134,6 +138,26 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := singleArg(d, &h.Realm); err != nil {
 				return err
 			}
+		case "max_keys_per_owner":
+			var s string
+			if err := singleArg(d, &s); err != nil {
+				return err
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 1 {
+				return d.Errf("max_keys_per_owner: %q is not a positive whole number", s)
+			}
+			h.MaxKeysPerOwner = n
+		case "last_used_interval":
+			if err := durationArg(d, &h.LastUsedInterval); err != nil {
+				return err
+			}
+		case "cors_origins":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.CORSOrigins = append(h.CORSOrigins, args...)
 		case "identity_headers":
 			if err := h.unmarshalIdentityHeaders(d); err != nil {
 				return err
@@ -237,6 +261,8 @@ func (c *DashboardJWT) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = singleArg(d, &c.OwnerClaim)
 		case "leeway":
 			err = durationArg(d, &c.Leeway)
+		case "scopes_claim":
+			err = singleArg(d, &c.ScopesClaim)
 		default:
 			err = d.Errf("unrecognized dashboard_jwt option %q", d.Val())
 		}

@@ -42,6 +42,12 @@ type DashboardJWT struct {
 	OwnerClaim string `json:"owner_claim,omitempty"`
 	// Leeway allows for clock skew on `exp`, `nbf` and `iat`. Default: 30s.
 	Leeway caddy.Duration `json:"leeway,omitempty"`
+	// ScopesClaim, when set, names the claim (an array of strings or a
+	// space-separated string) listing the scopes a session may grant.
+	// Creating, changing or rotating a key with another scope, or with
+	// full access, is then refused with 403 scope_not_grantable; a "*"
+	// in the claim grants everything. Default: unset (no cap).
+	ScopesClaim string `json:"scopes_claim,omitempty"`
 }
 
 // newVerifier resolves secrets and reads key files, then builds the verifier.
@@ -50,7 +56,8 @@ func (c *DashboardJWT) newVerifier(ctx caddy.Context, repl *caddy.Replacer) (*jw
 		Algorithms: c.Algorithms,
 		Issuer:     repl.ReplaceKnown(c.Issuer, ""),
 		Audience:   repl.ReplaceKnown(c.Audience, ""),
-		OwnerClaim: c.OwnerClaim,
+		OwnerClaim:  c.OwnerClaim,
+		ScopesClaim: c.ScopesClaim,
 		Leeway:     time.Duration(c.Leeway),
 		HTTPClient: &http.Client{Timeout: 10 * time.Second},
 	}

@@ -99,6 +99,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		repl.Set("http.auth.apikey.id", key.ID)
 		repl.Set("http.auth.apikey.scopes", scopes)
 	}
+	h.usage.touch(key.ID, h.now())
 	h.debug("api key accepted", key)
 	return next.ServeHTTP(w, r)
 }

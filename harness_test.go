@@ -57,6 +57,7 @@ type gateway struct {
 	port      int
 	base      string // http://127.0.0.1:port
 	storePath string // the bbolt file, for the file store
+	jwtExtra  string // extra dashboard_jwt subdirectives
 	backend   *echoBackend
 	redis     *testredis.Server // nil for the file store
 	store     keystore.Store    // the very store the handler uses
@@ -69,7 +70,7 @@ var storeKinds = []string{"file", "redis"}
 
 // startGateway loads a Caddy config with the given store kind and extra
 // apikeys subdirectives, and stops it when the test ends.
-func startGateway(t *testing.T, kind string, extra string) *gateway {
+func startGateway(t *testing.T, kind string, extra string, jwtExtra ...string) *gateway {
 	t.Helper()
 	g := &gateway{t: t, kind: kind, backend: newEchoBackend(t), logDir: t.TempDir(),
 		client: &http.Client{Timeout: 10 * time.Second}}
@@ -85,6 +86,7 @@ func startGateway(t *testing.T, kind string, extra string) *gateway {
 	g.port = freePort(t)
 	g.base = fmt.Sprintf("http://127.0.0.1:%d", g.port)
 	t.Cleanup(func() { stopCaddy(t) })
+	g.jwtExtra = strings.Join(jwtExtra, "\n")
 	if err := g.load(extra); err != nil {
 		t.Fatal(err)
 	}
@@ -121,6 +123,7 @@ http://127.0.0.1:%[2]d {
 			secret {env.APIKEYS_TEST_JWT_SECRET}
 			issuer %[4]s
 			audience %[5]s
+			%[8]s
 		}
 		scope analytics:read GET /v1/analytics /v1/analytics/*
 		scope webhooks:manage /v1/webhooks/*
@@ -135,12 +138,16 @@ http://127.0.0.1:%[2]d {
 		header_up X-Auth-Apikey-Scopes {http.auth.apikey.scopes}
 	}
 }
-`, g.logDir, g.port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"))
+`, g.logDir, g.port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"), g.jwtExtra)
 	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
 	if err != nil {
 		return fmt.Errorf("adapting Caddyfile: %w", err)
 	}
-	return caddy.Load(cfgJSON, true)
+	err = caddy.Load(cfgJSON, true)
+	// The old servers close their idle connections; start afresh rather
+	// than race them.
+	g.client.CloseIdleConnections()
+	return err
 }
 
 // stopCaddy stops the running config, if any.
@@ -366,4 +373,23 @@ func loadCaddyfileErr(t *testing.T, cfg string) error {
 		_ = caddy.Stop()
 	}
 	return err
+}
+
+// setClock makes handlers provisioned afterwards read the time from the
+// returned control instead of the wall clock; the test moves it with
+// advance. Call before startGateway.
+func setClock(t *testing.T) (advance func(time.Duration)) {
+	var mu sync.Mutex
+	var offset time.Duration
+	now = func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return time.Now().Add(offset)
+	}
+	t.Cleanup(func() { now = time.Now })
+	return func(d time.Duration) {
+		mu.Lock()
+		offset += d
+		mu.Unlock()
+	}
 }

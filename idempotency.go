@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -70,37 +71,77 @@ func hashParts(parts ...string) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-// createIdempotent runs POST /v1/apikeys under an Idempotency-Key, scoped to
-// the owner and the endpoint.
-func (h *Handler) createIdempotent(w http.ResponseWriter, r *http.Request, owner, idemKey string, body []byte) error {
-	endpoint := r.Method + " " + h.ManagementPath
-	id := hashParts("idempotency", owner, endpoint, idemKey)
-	fingerprint := hashParts(endpoint, string(body))
+// mintOp is a prepared minting request: the new key and the complete
+// response that announces it. Rotations also name the key they replace and
+// when that key's grace period ends.
+type mintOp struct {
+	key      *keystore.Key
+	respBody []byte
+	replaces string
+	graceEnd *time.Time
+}
 
+// newMintOp renders the response of a minted key. rotation, when set, is
+// the key being replaced.
+func newMintOp(key *keystore.Key, raw string, rotation *rotationPlan) (*mintOp, *apiError) {
+	resp := newKeyResponse(key, raw)
+	op := &mintOp{key: key}
+	if rotation != nil {
+		op.replaces, op.graceEnd = rotation.oldID, &rotation.graceEnd
+		resp.Replaces = rotation.oldID
+		resp.GracePeriodEndsAt = &apiTime{rotation.graceEnd}
+	}
+	body, err := marshalJSON(envelope{Success: true, Data: resp})
+	if err != nil {
+		return nil, internalError(err)
+	}
+	op.respBody = body
+	return op, nil
+}
+
+// mint runs a key-minting POST (create, rotate). prepare validates the
+// request and builds the operation; it runs only when the request is new.
+// With an Idempotency-Key the request is scoped to the owner and endpoint.
+func (h *Handler) mint(w http.ResponseWriter, r *http.Request, owner string, body []byte, prepare func(context.Context) (*mintOp, *apiError)) error {
+	idemKey, present, aerr := idempotencyKey(r)
+	if aerr != nil {
+		return writeError(w, aerr)
+	}
+	if !present && h.RequireIdempotencyKey {
+		return writeError(w, &apiError{status: http.StatusBadRequest, code: "idempotency_key_required",
+			message: "This server requires an Idempotency-Key header on POST requests."})
+	}
 	ctx, cancel := h.storeCtx(r)
 	defer cancel()
+	if !present {
+		op, aerr := prepare(ctx)
+		if aerr != nil {
+			return writeError(w, aerr)
+		}
+		if aerr := h.executeMint(ctx, op); aerr != nil {
+			return writeError(w, aerr)
+		}
+		writeCreated(w, op.respBody, false)
+		return nil
+	}
+
+	endpoint := r.Method + " " + r.URL.Path
+	id := hashParts("idempotency", owner, endpoint, idemKey)
+	fingerprint := hashParts(endpoint, string(body))
 	existing, err := h.store.GetIdempotency(ctx, id)
 	switch {
 	case err == nil:
-		return h.answerExisting(w, r, owner, id, fingerprint, existing)
+		return h.answerExisting(w, ctx, owner, id, fingerprint, existing)
 	case !errors.Is(err, keystore.ErrNotFound):
 		h.logger.Error("idempotency lookup failed", zap.Error(err))
 		return writeError(w, errStoreUnavailable)
 	}
 
 	// First sight of this key: validate, then record the full response
-	// before storing the key.
-	req, aerr := h.parseCreateRequest(body)
+	// before storing anything.
+	op, aerr := prepare(ctx)
 	if aerr != nil {
 		return writeError(w, aerr) // nothing stored: a corrected retry runs afresh
-	}
-	key, raw, err := h.newKey(owner, req)
-	if err != nil {
-		return err
-	}
-	respBody, err := marshalJSON(envelope{Success: true, Data: newKeyResponse(key, raw)})
-	if err != nil {
-		return err
 	}
 	token, err := randomToken()
 	if err != nil {
@@ -111,52 +152,77 @@ func (h *Handler) createIdempotent(w http.ResponseWriter, r *http.Request, owner
 		Fingerprint: fingerprint,
 		State:       keystore.IdempotencyPending,
 		LockedUntil: h.now().Add(idempotencyLock),
-		KeyID:       key.ID,
+		KeyID:       op.key.ID,
 		Status:      http.StatusCreated,
-		Body:        h.seal(id, respBody),
+		Body:        h.seal(id, op.respBody),
 	}
-	ttl := time.Duration(h.IdempotencyTTL)
-	existing, err = h.store.ReserveIdempotency(ctx, id, rec, ttl)
+	existing, err = h.store.ReserveIdempotency(ctx, id, rec, time.Duration(h.IdempotencyTTL))
 	if err != nil {
 		h.logger.Error("idempotency reserve failed", zap.Error(err))
 		return writeError(w, errStoreUnavailable)
 	}
 	if existing != nil { // a concurrent request got there first
-		return h.answerExisting(w, r, owner, id, fingerprint, existing)
+		return h.answerExisting(w, ctx, owner, id, fingerprint, existing)
 	}
-	return h.finishIdempotent(w, r, id, rec, key, respBody)
+	return h.finishIdempotent(w, ctx, id, rec, op)
 }
 
-// finishIdempotent stores the key of a pending record this request holds,
-// marks the record done and answers 201.
-func (h *Handler) finishIdempotent(w http.ResponseWriter, r *http.Request, id string, rec *keystore.IdempotencyRecord, key *keystore.Key, respBody []byte) error {
-	ctx, cancel := h.storeCtx(r)
-	defer cancel()
-	ttl := time.Duration(h.IdempotencyTTL)
-	if err := h.store.Create(ctx, key); err != nil {
-		h.logger.Error("storing new key failed; nothing minted", zap.String("owner", key.Owner), zap.Error(err))
+// finishIdempotent executes the operation of a pending record this request
+// holds, marks the record done and answers 201.
+func (h *Handler) finishIdempotent(w http.ResponseWriter, ctx context.Context, id string, rec *keystore.IdempotencyRecord, op *mintOp) error {
+	if aerr := h.executeMint(ctx, op); aerr != nil {
 		// Release the key so a retry runs afresh. If even that fails, the
 		// pending record lets a retry finish this same key after the lock.
 		if derr := h.store.DeleteIdempotency(ctx, id, rec.Token); derr != nil {
 			h.logger.Warn("releasing idempotency key failed", zap.Error(derr))
 		}
-		return writeError(w, errStoreUnavailable)
+		return writeError(w, aerr)
 	}
 	done := *rec
 	done.State = keystore.IdempotencyDone
-	if err := h.store.ReplaceIdempotency(ctx, id, rec.Token, &done, ttl); err != nil {
+	if err := h.store.ReplaceIdempotency(ctx, id, rec.Token, &done, time.Duration(h.IdempotencyTTL)); err != nil {
 		// The key is durably stored, so the client gets it. A retry that
 		// finds the record still pending finishes the same key.
-		h.logger.Warn("marking idempotency record done failed", zap.String("key_id", key.ID), zap.Error(err))
+		h.logger.Warn("marking idempotency record done failed", zap.String("key_id", op.key.ID), zap.Error(err))
 	}
-	h.logger.Info("api key created", zap.String("key_id", key.ID), zap.String("owner", key.Owner))
-	writeCreated(w, respBody, false)
+	writeCreated(w, op.respBody, false)
+	return nil
+}
+
+// executeMint stores the new key and, for a rotation, starts the old key's
+// grace period. It is safe to run again for the same operation.
+func (h *Handler) executeMint(ctx context.Context, op *mintOp) *apiError {
+	if err := h.store.Create(ctx, op.key); err != nil {
+		h.logger.Error("storing new key failed; nothing minted", zap.String("owner", op.key.Owner), zap.Error(err))
+		return errStoreUnavailable
+	}
+	if op.replaces == "" {
+		h.audit("created", op.key)
+		return nil
+	}
+	old, err := h.store.Update(ctx, op.replaces, func(k *keystore.Key) error {
+		return startGrace(k, op.key.ID, *op.graceEnd, h.now())
+	})
+	if err != nil {
+		// Do not leave a second working key behind a failed rotation.
+		if _, rerr := h.store.Revoke(ctx, op.key.ID, h.now()); rerr != nil {
+			h.logger.Error("revoking the new key of a failed rotation failed", zap.String("key_id", op.key.ID), zap.Error(rerr))
+		}
+		var aerr *apiError
+		if errors.As(err, &aerr) {
+			return aerr
+		}
+		h.logger.Error("rotating key failed", zap.String("key_id", op.replaces), zap.Error(err))
+		return errStoreUnavailable
+	}
+	h.audit("rotated", old, zap.String("new_key_id", op.key.ID))
+	h.audit("created", op.key, zap.String("replaces", old.ID))
 	return nil
 }
 
 // answerExisting answers a request whose Idempotency-Key already has a
 // record: replay, conflict, or take over abandoned work.
-func (h *Handler) answerExisting(w http.ResponseWriter, r *http.Request, owner, id, fingerprint string, rec *keystore.IdempotencyRecord) error {
+func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, owner, id, fingerprint string, rec *keystore.IdempotencyRecord) error {
 	if rec.Fingerprint != fingerprint {
 		return writeError(w, &apiError{status: http.StatusUnprocessableEntity, code: "idempotency_key_reused",
 			message: "This Idempotency-Key was used with a different request; use a new key for a new request."})
@@ -173,9 +239,7 @@ func (h *Handler) answerExisting(w http.ResponseWriter, r *http.Request, owner, 
 	now := h.now()
 	if now.Before(rec.LockedUntil) {
 		secs := int(math.Ceil(rec.LockedUntil.Sub(now).Seconds()))
-		return writeError(w, &apiError{status: http.StatusConflict, code: "idempotency_in_progress",
-			message: "A request with this Idempotency-Key is still being processed; retry after it finishes.",
-			header:  http.Header{"Retry-After": {strconv.Itoa(max(secs, 1))}}})
+		return writeError(w, inProgress(max(secs, 1)))
 	}
 
 	// The holder went away without finishing: take the record over and
@@ -184,7 +248,7 @@ func (h *Handler) answerExisting(w http.ResponseWriter, r *http.Request, owner, 
 	if err != nil {
 		return h.unreadableRecord(w, err)
 	}
-	key, err := h.keyFromResponse(owner, body)
+	op, err := h.opFromResponse(owner, body)
 	if err != nil {
 		return h.unreadableRecord(w, err)
 	}
@@ -195,19 +259,21 @@ func (h *Handler) answerExisting(w http.ResponseWriter, r *http.Request, owner, 
 	taken := *rec
 	taken.Token = token
 	taken.LockedUntil = now.Add(idempotencyLock)
-	ctx, cancel := h.storeCtx(r)
 	err = h.store.ReplaceIdempotency(ctx, id, rec.Token, &taken, time.Duration(h.IdempotencyTTL))
-	cancel()
 	switch {
 	case errors.Is(err, keystore.ErrConflict): // another retry took it first
-		return writeError(w, &apiError{status: http.StatusConflict, code: "idempotency_in_progress",
-			message: "A request with this Idempotency-Key is still being processed; retry after it finishes.",
-			header:  http.Header{"Retry-After": {"1"}}})
+		return writeError(w, inProgress(1))
 	case err != nil:
 		return writeError(w, errStoreUnavailable)
 	}
-	h.logger.Info("finishing abandoned idempotent request", zap.String("key_id", key.ID), zap.String("owner", owner))
-	return h.finishIdempotent(w, r, id, &taken, key, body)
+	h.logger.Info("finishing abandoned idempotent request", zap.String("key_id", op.key.ID), zap.String("owner", owner))
+	return h.finishIdempotent(w, ctx, id, &taken, op)
+}
+
+func inProgress(retryAfter int) *apiError {
+	return &apiError{status: http.StatusConflict, code: "idempotency_in_progress",
+		message: "A request with this Idempotency-Key is still being processed; retry after it finishes.",
+		header:  http.Header{"Retry-After": {strconv.Itoa(retryAfter)}}}
 }
 
 func (h *Handler) unreadableRecord(w http.ResponseWriter, err error) error {
@@ -217,8 +283,8 @@ func (h *Handler) unreadableRecord(w http.ResponseWriter, err error) error {
 		message: "The stored result of this Idempotency-Key cannot be read; use a new Idempotency-Key."})
 }
 
-// keyFromResponse rebuilds the key record from a sealed create response.
-func (h *Handler) keyFromResponse(owner string, body []byte) (*keystore.Key, error) {
+// opFromResponse rebuilds the operation from its sealed response.
+func (h *Handler) opFromResponse(owner string, body []byte) (*mintOp, error) {
 	var env struct {
 		Data keyResponse `json:"data"`
 	}
@@ -230,12 +296,20 @@ func (h *Handler) keyFromResponse(owner string, body []byte) (*keystore.Key, err
 		return nil, errors.New("apikeys: idempotency record holds no valid key")
 	}
 	k := &keystore.Key{ID: d.KeyID, Owner: owner, Name: d.Name, Prefix: d.Prefix,
-		Digest: h.hasher.Digest(d.Key), Scopes: d.Scopes, CreatedAt: d.CreatedAt.Time}
+		Digest: h.hasher.Digest(d.Key), Scopes: d.Scopes, CreatedAt: d.CreatedAt.Time, Replaces: d.Replaces}
 	if d.ExpiresAt != nil {
 		t := d.ExpiresAt.Time
 		k.ExpiresAt = &t
 	}
-	return k, nil
+	op := &mintOp{key: k, respBody: body, replaces: d.Replaces}
+	if d.Replaces != "" {
+		if d.GracePeriodEndsAt == nil {
+			return nil, errors.New("apikeys: idempotency record of a rotation has no grace period end")
+		}
+		t := d.GracePeriodEndsAt.Time
+		op.graceEnd = &t
+	}
+	return op, nil
 }
 
 // newSealer derives the AES-256-GCM key that encrypts stored replays.

@@ -2,6 +2,7 @@ package apikeys
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,7 +16,6 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-	"go.uber.org/zap"
 
 	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
@@ -30,66 +30,125 @@ const (
 	maxExpiresInDaysLimit = 36500
 )
 
-// serveManagement answers requests at and below the management path.
+// serveManagement answers requests at and below the management path:
+//
+//	POST   /v1/apikeys              create
+//	GET    /v1/apikeys              list the caller's keys
+//	GET    /v1/apikeys/{id}         one key
+//	PATCH  /v1/apikeys/{id}         rename, change scopes
+//	DELETE /v1/apikeys/{id}         revoke
+//	POST   /v1/apikeys/{id}/rotate  replace with a new key, old one kept for a grace period
 func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error {
 	if h.verifier == nil {
 		return writeError(w, &apiError{status: http.StatusNotFound, code: "not_found",
 			message: "Key management is not enabled on this server (no dashboard_jwt is configured)."})
 	}
-	if r.URL.Path != h.ManagementPath {
-		// Reserved for the key lifecycle API; say nothing to strangers.
+	if r.Method == http.MethodOptions {
+		return h.preflight(w, r) // never 401: browsers send no credentials here
+	}
+	h.corsHeaders(w, r)
+
+	id, action, ok := h.managementRoute(r.URL.Path)
+	var allow string
+	switch {
+	case !ok:
+		allow = ""
+	case id == "":
+		allow = "GET, POST"
+	case action == "":
+		allow = "GET, PATCH, DELETE"
+	default:
+		allow = "POST"
+	}
+	if allow == "" {
+		// Unknown path: say nothing to strangers.
 		if _, ok := h.authenticateDashboard(w, r); !ok {
 			return nil
 		}
 		return writeError(w, errNotFound)
 	}
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
+	if !strings.Contains(allow, r.Method) || r.Method == "" {
+		w.Header().Set("Allow", allow)
 		return writeError(w, &apiError{status: http.StatusMethodNotAllowed, code: "method_not_allowed",
-			message: "Use POST to create an API key."})
+			message: "This endpoint allows " + allow + "."})
 	}
 	claims, ok := h.authenticateDashboard(w, r)
 	if !ok {
 		return nil
 	}
-	body, aerr := readJSONBody(w, r)
-	if aerr != nil {
-		return writeError(w, aerr)
+	switch {
+	case id == "" && r.Method == http.MethodPost:
+		return h.serveCreate(w, r, claims)
+	case id == "":
+		return h.serveList(w, r, claims)
+	case action == "rotate":
+		return h.serveRotate(w, r, claims, id)
+	case r.Method == http.MethodGet:
+		return h.serveGet(w, r, claims, id)
+	case r.Method == http.MethodPatch:
+		return h.servePatch(w, r, claims, id)
+	default:
+		return h.serveRevoke(w, r, claims, id)
 	}
-	idemKey, present, aerr := idempotencyKey(r)
-	if aerr != nil {
-		return writeError(w, aerr)
-	}
-	if !present && h.RequireIdempotencyKey {
-		return writeError(w, &apiError{status: http.StatusBadRequest, code: "idempotency_key_required",
-			message: "This server requires an Idempotency-Key header on POST requests."})
-	}
-	if present {
-		return h.createIdempotent(w, r, claims.Owner, idemKey, body)
-	}
+}
 
-	req, aerr := h.parseCreateRequest(body)
+// managementRoute splits a path below the management path into a key ID
+// and an action ("rotate"). ok is false for paths that are no endpoint.
+func (h *Handler) managementRoute(p string) (id, action string, ok bool) {
+	rest := strings.TrimPrefix(p, h.ManagementPath)
+	if rest == "" {
+		return "", "", true
+	}
+	parts := strings.Split(strings.TrimPrefix(rest, "/"), "/")
+	if !validKeyID(parts[0]) {
+		return "", "", false
+	}
+	switch {
+	case len(parts) == 1:
+		return parts[0], "", true
+	case len(parts) == 2 && parts[1] == "rotate":
+		return parts[0], "rotate", true
+	}
+	return "", "", false
+}
+
+// validKeyID reports whether s can be a key ID; anything else is not found.
+func validKeyID(s string) bool {
+	if len(s) < 5 || len(s) > 64 || !strings.HasPrefix(s, "key_") {
+		return false
+	}
+	for i := 4; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
+}
+
+// serveCreate answers POST /v1/apikeys.
+func (h *Handler) serveCreate(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims) error {
+	body, aerr := readJSONBody(w, r, false)
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
-	key, raw, err := h.newKey(claims.Owner, req)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := h.storeCtx(r)
-	err = h.store.Create(ctx, key)
-	cancel()
-	if err != nil {
-		h.logger.Error("storing new key failed; nothing minted", zap.String("owner", key.Owner), zap.Error(err))
-		return writeError(w, errStoreUnavailable)
-	}
-	h.logger.Info("api key created", zap.String("key_id", key.ID), zap.String("owner", key.Owner))
-	body, err = marshalJSON(envelope{Success: true, Data: newKeyResponse(key, raw)})
-	if err != nil {
-		return err
-	}
-	writeCreated(w, body, false)
-	return nil
+	return h.mint(w, r, claims.Owner, body, func(ctx context.Context) (*mintOp, *apiError) {
+		req, aerr := h.parseCreateRequest(body)
+		if aerr != nil {
+			return nil, aerr
+		}
+		if aerr := h.grantable(claims, req.Scopes); aerr != nil {
+			return nil, aerr
+		}
+		if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
+			return nil, aerr
+		}
+		key, raw, err := h.newKey(claims.Owner, req)
+		if err != nil {
+			return nil, internalError(err)
+		}
+		return newMintOp(key, raw, nil)
+	})
 }
 
 // writeCreated answers a minted key. The body holds the raw key, so it
@@ -128,8 +187,13 @@ func (h *Handler) authenticateDashboard(w http.ResponseWriter, r *http.Request) 
 	return claims, true
 }
 
-// readJSONBody checks the content type and reads a bounded body.
-func readJSONBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
+// readJSONBody checks the content type and reads a bounded body. With
+// allowEmpty, a request without a body (and then without a content type)
+// gives an empty body.
+func readJSONBody(w http.ResponseWriter, r *http.Request, allowEmpty bool) ([]byte, *apiError) {
+	if allowEmpty && r.ContentLength == 0 && r.Header.Get("Content-Type") == "" {
+		return nil, nil
+	}
 	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || mt != "application/json" {
 		return nil, &apiError{status: http.StatusUnsupportedMediaType, code: "unsupported_media_type",
@@ -183,7 +247,7 @@ func (h *Handler) parseCreateRequest(body []byte) (createRequest, *apiError) {
 		}
 	}
 	if raw, ok := fields["expires_in_days"]; ok && !isNull(raw) {
-		if req.ExpiresInDays, aerr = parseDays(raw, h.MaxExpiresInDays); aerr != nil {
+		if req.ExpiresInDays, aerr = parseWhole(raw, "expires_in_days", 1, h.MaxExpiresInDays); aerr != nil {
 			return req, aerr
 		}
 	}
@@ -310,16 +374,16 @@ func validScope(s string) bool {
 	return true
 }
 
-// parseDays decodes a positive whole number of days up to max.
-func parseDays(raw json.RawMessage, max int) (int, *apiError) {
-	bad := validationError("expires_in_days", fmt.Sprintf("`expires_in_days` must be a whole number from 1 to %d.", max))
+// parseWhole decodes a whole number from min to max for field.
+func parseWhole(raw json.RawMessage, field string, min, max int) (int, *apiError) {
+	bad := validationError(field, fmt.Sprintf("`%s` must be a whole number from %d to %d.", field, min, max))
 	var n json.Number
 	// json.Number also decodes from a string; a quoted "90" is refused.
 	if raw[0] == '"' || json.Unmarshal(raw, &n) != nil {
 		return 0, bad
 	}
 	f, err := strconv.ParseFloat(string(n), 64)
-	if err != nil || math.IsInf(f, 0) || f != math.Trunc(f) || f < 1 || f > float64(max) {
+	if err != nil || math.IsInf(f, 0) || f != math.Trunc(f) || f < float64(min) || f > float64(max) {
 		return 0, bad
 	}
 	return int(f), nil
@@ -354,14 +418,17 @@ func (h *Handler) newKey(owner string, req createRequest) (*keystore.Key, string
 }
 
 // keyResponse is the `data` of a create response, in the reference's order.
+// A rotation adds the replaced key and the end of its grace period.
 type keyResponse struct {
-	KeyID     string   `json:"key_id"`
-	Name      string   `json:"name"`
-	Key       string   `json:"key"`
-	Prefix    string   `json:"prefix"`
-	Scopes    []string `json:"scopes"`
-	ExpiresAt *apiTime `json:"expires_at"`
-	CreatedAt apiTime  `json:"created_at"`
+	KeyID             string   `json:"key_id"`
+	Name              string   `json:"name"`
+	Key               string   `json:"key"`
+	Prefix            string   `json:"prefix"`
+	Scopes            []string `json:"scopes"`
+	ExpiresAt         *apiTime `json:"expires_at"`
+	CreatedAt         apiTime  `json:"created_at"`
+	Replaces          string   `json:"replaces,omitempty"`
+	GracePeriodEndsAt *apiTime `json:"grace_period_ends_at,omitempty"`
 }
 
 func newKeyResponse(k *keystore.Key, raw string) keyResponse {

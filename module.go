@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
@@ -27,6 +28,9 @@ import (
 func init() {
 	caddy.RegisterModule(Handler{})
 }
+
+// now is the clock of handlers provisioned from here on; tests move it.
+var now = time.Now
 
 // Defaults of the Handler's fields.
 const (
@@ -99,6 +103,20 @@ type Handler struct {
 	// is calling. Client-sent copies are always removed.
 	IdentityHeaders *IdentityHeaders `json:"identity_headers,omitempty"`
 
+	// MaxKeysPerOwner caps how many keys one owner may hold (revoked and
+	// expired keys count until retention removes them). Default: 1000.
+	MaxKeysPerOwner int `json:"max_keys_per_owner,omitempty"`
+
+	// LastUsedInterval is how often last-used times are written to the
+	// store: at most one write per key per interval per Caddy instance,
+	// and once more on shutdown. Default: 1m.
+	LastUsedInterval caddy.Duration `json:"last_used_interval,omitempty"`
+
+	// CORSOrigins lists dashboard origins (e.g. "https://dash.example.com")
+	// allowed to call the management API from a browser. Preflight
+	// requests are answered for them; other origins get no CORS headers.
+	CORSOrigins []string `json:"cors_origins,omitempty"`
+
 	logger       *zap.Logger
 	store        keystore.Store
 	storePoolKey string
@@ -110,6 +128,9 @@ type Handler struct {
 	storeTimeout time.Duration
 	challenge    string
 	now          func() time.Time
+	usage        *usageRecorder
+	events       *caddyevents.App
+	ctx          caddy.Context
 }
 
 // StoreConfig selects the key store.
@@ -160,7 +181,8 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // JWT verifier and scope rules.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	h.now = time.Now
+	h.ctx = ctx
+	h.now = now
 	h.applyDefaults()
 	repl := caddy.NewReplacer()
 
@@ -199,6 +221,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 	}
+	eventsApp, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("apikeys: loading events app: %w", err)
+	}
+	h.events = eventsApp.(*caddyevents.App)
+	h.usage = newUsageRecorder(h.store, time.Duration(h.LastUsedInterval), h.logger)
 	return nil
 }
 
@@ -222,6 +250,12 @@ func (h *Handler) applyDefaults() {
 	}
 	if h.Realm == "" {
 		h.Realm = DefaultRealm
+	}
+	if h.MaxKeysPerOwner == 0 {
+		h.MaxKeysPerOwner = DefaultMaxKeysPerOwner
+	}
+	if h.LastUsedInterval == 0 {
+		h.LastUsedInterval = caddy.Duration(DefaultLastUsedInterval)
 	}
 	if h.IdentityHeaders == nil {
 		h.IdentityHeaders = &IdentityHeaders{}
@@ -253,8 +287,16 @@ func (h *Handler) Validate() error {
 	if h.MaxExpiresInDays < 1 || h.MaxExpiresInDays > maxExpiresInDaysLimit {
 		return fmt.Errorf("apikeys: max_expires_in_days must be between 1 and %d", maxExpiresInDaysLimit)
 	}
-	if h.IdempotencyTTL < 0 || h.StoreTimeout < 0 {
-		return errors.New("apikeys: idempotency_ttl and store_timeout must not be negative")
+	if h.IdempotencyTTL < 0 || h.StoreTimeout < 0 || h.LastUsedInterval < 0 {
+		return errors.New("apikeys: idempotency_ttl, store_timeout and last_used_interval must not be negative")
+	}
+	if h.MaxKeysPerOwner < 1 {
+		return errors.New("apikeys: max_keys_per_owner must be at least 1")
+	}
+	for _, o := range h.CORSOrigins {
+		if !validOrigin(o) {
+			return fmt.Errorf("apikeys: cors_origins: %q is not an origin like https://dash.example.com", o)
+		}
 	}
 	for _, name := range []string{h.IdentityHeaders.ID, h.IdentityHeaders.Owner, h.IdentityHeaders.Scopes} {
 		if !validHeaderName(name) {
@@ -270,6 +312,9 @@ func (h *Handler) Validate() error {
 // Cleanup releases this instance's hold on the shared store and stops the
 // JWT verifier. It tolerates a half-provisioned handler.
 func (h *Handler) Cleanup() error {
+	if h.usage != nil {
+		h.usage.close() // flushes pending last-used times
+	}
 	if h.verifier != nil {
 		h.verifier.Close()
 	}

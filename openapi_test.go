@@ -1,0 +1,143 @@
+package apikeys
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/getkin/kin-openapi/openapi3"
+	"github.com/getkin/kin-openapi/openapi3filter"
+	"github.com/getkin/kin-openapi/routers"
+	"github.com/getkin/kin-openapi/routers/gorillamux"
+)
+
+// TestOpenAPIMatchesResponses validates real responses of every operation
+// and error against openapi.yaml, so the document cannot drift from what
+// the handler does. Undocumented statuses fail too.
+func TestOpenAPIMatchesResponses(t *testing.T) {
+	loader := openapi3.NewLoader()
+	doc, err := loader.LoadFromFile("openapi.yaml")
+	if err != nil {
+		t.Fatalf("loading openapi.yaml: %v", err)
+	}
+	if err := doc.Validate(context.Background()); err != nil {
+		t.Fatalf("openapi.yaml is not a valid document: %v", err)
+	}
+	if !doc.IsOpenAPI31OrLater() {
+		t.Fatal("openapi.yaml must be OpenAPI 3.1")
+	}
+
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			g := startGateway(t, kind, "max_keys_per_owner 7\ncors_origins https://dash.example.com")
+			doc.Servers = openapi3.Servers{{URL: g.base}}
+			router, err := gorillamux.NewRouter(doc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			alice := dashboardToken(t, "alice")
+			seen := map[string]bool{}
+			check := func(req request) *response {
+				t.Helper()
+				resp := g.do(req)
+				validateAgainst(t, router, g.base, req, resp)
+				seen[req.method+" "+routeName(req.path)+" "+http.StatusText(resp.status)] = true
+				return resp
+			}
+			k := g.create("alice", `{"name":"spec","scopes":["analytics:read"],"expires_in_days":10}`)
+			full := g.create("alice", `{"name":"full"}`)
+			g.do(request{method: "GET", path: "/v1/x", bearer: full.Key}) // some last_used_at
+
+			// Create and its errors.
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"a","scopes":["analytics:read"],"expires_in_days":5}`, header: idem("spec-1")})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"a","scopes":["analytics:read"],"expires_in_days":5}`, header: idem("spec-1")})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"b"}`, header: idem("spec-1")})
+			check(request{method: "POST", path: "/v1/apikeys", body: `{"name":"a"}`})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: "garbage", body: `{"name":"a"}`})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: k.Key, body: `{"name":"a"}`})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":""}`})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"a","scopes":["nope"]}`})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{`, contentType: "text/plain"})
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"` + strings.Repeat("x", 70000) + `"}`})
+			check(request{method: "PUT", path: "/v1/apikeys", bearer: alice})
+
+			// List, get, patch, revoke, rotate.
+			check(request{method: "GET", path: "/v1/apikeys?limit=2", bearer: alice})
+			check(request{method: "GET", path: "/v1/apikeys?status=active", bearer: alice})
+			check(request{method: "GET", path: "/v1/apikeys?limit=0", bearer: alice})
+			check(request{method: "GET", path: "/v1/apikeys/" + k.KeyID, bearer: alice})
+			check(request{method: "GET", path: "/v1/apikeys/" + k.KeyID, bearer: dashboardToken(t, "bob")})
+			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"renamed","scopes":null}`})
+			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{}`})
+			rot := check(request{method: "POST", path: "/v1/apikeys/" + full.KeyID + "/rotate", bearer: alice, body: `{"grace_period_seconds":60}`})
+			if rot.status != 201 {
+				t.Fatalf("rotate: %d %s", rot.status, rot.body)
+			}
+			check(request{method: "POST", path: "/v1/apikeys/" + full.KeyID + "/rotate", bearer: alice})
+			check(request{method: "GET", path: "/v1/apikeys/" + full.KeyID, bearer: alice})
+			check(request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: alice})
+			check(request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: alice})
+			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"x"}`})
+			for i := 0; i < 10; i++ {
+				if r := check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"fill"}`}); r.status == 409 {
+					break
+				}
+			}
+			check(request{method: "OPTIONS", path: "/v1/apikeys", header: map[string]string{"Origin": "https://dash.example.com", "Access-Control-Request-Method": "POST"}})
+
+			if kind == "redis" {
+				g.redis.Stop()
+				start := time.Now()
+				check(request{method: "GET", path: "/v1/apikeys", bearer: alice})
+				check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"down"}`})
+				t.Logf("503s answered in %v", time.Since(start))
+			}
+			for _, want := range []string{"POST /v1/apikeys Created", "GET /v1/apikeys OK", "GET /v1/apikeys/{key_id} OK",
+				"PATCH /v1/apikeys/{key_id} OK", "DELETE /v1/apikeys/{key_id} OK", "POST /v1/apikeys/{key_id}/rotate Created",
+				"POST /v1/apikeys Conflict", "POST /v1/apikeys Unprocessable Entity", "PATCH /v1/apikeys/{key_id} Conflict"} {
+				if !seen[want] {
+					t.Errorf("no response seen for %s", want)
+				}
+			}
+		})
+	}
+}
+
+func routeName(p string) string {
+	p, _, _ = strings.Cut(p, "?")
+	parts := strings.Split(p, "/")
+	if len(parts) > 3 {
+		parts[3] = "{key_id}"
+	}
+	return strings.Join(parts, "/")
+}
+
+// validateAgainst checks one exchange against the document.
+func validateAgainst(t *testing.T, router routers.Router, base string, req request, resp *response) {
+	t.Helper()
+	httpReq, _ := http.NewRequest(req.method, base+req.path, strings.NewReader(req.body))
+	route, params, err := router.FindRoute(httpReq)
+	if err != nil && resp.status == http.StatusMethodNotAllowed {
+		return // a method the document rightly does not list
+	}
+	if err != nil {
+		t.Errorf("%s %s: not in openapi.yaml: %v", req.method, req.path, err)
+		return
+	}
+	input := &openapi3filter.ResponseValidationInput{
+		RequestValidationInput: &openapi3filter.RequestValidationInput{Request: httpReq, PathParams: params, Route: route,
+			Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc}},
+		Status: resp.status,
+		Header: resp.header,
+		Body:   io.NopCloser(bytes.NewReader(resp.body)),
+		Options: &openapi3filter.Options{IncludeResponseStatus: true,
+			SchemaValidationOptions: []openapi3.SchemaValidationOption{openapi3.EnableJSONSchema2020()}},
+	}
+	if err := openapi3filter.ValidateResponse(context.Background(), input); err != nil {
+		t.Errorf("%s %s → %d does not match openapi.yaml: %v\nbody: %s", req.method, req.path, resp.status, err, truncate(string(resp.body), 400))
+	}
+}
