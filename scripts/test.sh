@@ -22,7 +22,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 echo "test.sh: $(redis-server --version | cut -d' ' -f1-3), $(go version)"
 
-unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+unformatted=$(gofmt -l $(find . -name '*.go' -not -path './.git/*'))
 if [ -n "$unformatted" ]; then
 	echo "test.sh: gofmt would change: $unformatted" >&2
 	exit 1
