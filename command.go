@@ -2,35 +2,44 @@ package apikeys
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"go.uber.org/zap"
 
 	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "apikeys",
-		Usage: "dev-token --config <path> [--adapter <name>] [--envfile <path>] [--owner <id>] [--ttl <duration>]",
-		Short: "Tools for the apikeys handler",
+		Usage: "<create|list|revoke|rotate|dev-token> --config <path> [flags]",
+		Short: "Manage API keys of the apikeys handler from the command line",
 		Long: `
-Tools for operators of the apikeys handler.
+Tools for operators of the apikeys handler. Each command reads the config (a
+Caddyfile or JSON, --config and --adapter as for caddy run), takes the first
+apikeys handler in it, resolves its {env.*} placeholders from the
+environment (and --envfile), and works on the configured store directly.
 
-dev-token prints a dashboard JWT for trying the management API locally. It
-reads the config (a Caddyfile or JSON), finds the apikeys handler whose
-dashboard_jwt uses an HMAC secret, resolves that secret's placeholder from
-the environment (and --envfile), and signs a short-lived token for --owner,
-with the configured issuer and audience.
+  create     mint a key for --owner; prints it (the only time it is shown)
+  list       an owner's keys, newest first
+  revoke     revoke a key by ID
+  rotate     replace a key, keeping the old one working for --grace
+  dev-token  print a dashboard JWT for trying the management API locally
 
-It is meant for development: in production the dashboard issues tokens.
+The file store can be opened by one process at a time: stop Caddy (or use
+the HTTP API) to manage keys in a file store. Redis stores can be managed
+while Caddy runs.
 `,
 		CobraFunc: addSubcommands,
 	})
@@ -38,18 +47,260 @@ It is meant for development: in production the dashboard issues tokens.
 
 // addSubcommands adds the `caddy apikeys` subcommands to cmd.
 func addSubcommands(cmd *cobra.Command) {
+	configFlags := func(c *cobra.Command) {
+		c.Flags().StringP("config", "c", "", "Configuration file (required)")
+		c.Flags().StringP("adapter", "a", "", "Name of config adapter to apply")
+		c.Flags().String("envfile", "", "Environment file to load before resolving placeholders")
+		c.SilenceUsage = true
+	}
 	dev := &cobra.Command{
 		Use:   "dev-token",
 		Short: "Print a dashboard JWT for local testing",
-		Args:  cobra.NoArgs,
-		RunE:  runDevToken,
+		Long: `Prints a dashboard JWT signed with the HMAC secret of the config's
+dashboard_jwt, for --owner, with the configured issuer and audience. Meant for
+development: in production the dashboard issues tokens.`,
+		Args: cobra.NoArgs,
+		RunE: runDevToken,
 	}
-	dev.Flags().StringP("config", "c", "", "Configuration file (required)")
-	dev.Flags().StringP("adapter", "a", "", "Name of config adapter to apply")
-	dev.Flags().String("envfile", "", "Environment file to load before resolving placeholders")
+	configFlags(dev)
 	dev.Flags().String("owner", "dev-user", "Owner (subject) of the token")
 	dev.Flags().Duration("ttl", time.Hour, "Lifetime of the token")
-	cmd.AddCommand(dev)
+
+	create := &cobra.Command{
+		Use:   "create --owner <id> --name <name> [--scopes a,b] [--expires-in-days n]",
+		Short: "Mint a key and print it once, as JSON",
+		Args:  cobra.NoArgs,
+		RunE:  runCreate,
+	}
+	configFlags(create)
+	create.Flags().String("owner", "", "Owner of the key (required)")
+	create.Flags().String("name", "", "Name of the key (required)")
+	create.Flags().StringSlice("scopes", nil, "Scopes, comma-separated; omit for full access")
+	create.Flags().Int("expires-in-days", 0, "Lifetime in days; omit for no expiry")
+
+	list := &cobra.Command{
+		Use:   "list --owner <id> [--status s] [--json]",
+		Short: "List an owner's keys, newest first",
+		Args:  cobra.NoArgs,
+		RunE:  runList,
+	}
+	configFlags(list)
+	list.Flags().String("owner", "", "Owner whose keys to list (required)")
+	list.Flags().String("status", "", "Only keys with this status: active, rotating, expired, revoked")
+	list.Flags().Bool("json", false, "Print JSON lines instead of a table")
+
+	revoke := &cobra.Command{
+		Use:   "revoke <key_id>",
+		Short: "Revoke a key",
+		Args:  cobra.ExactArgs(1),
+		RunE:  runRevoke,
+	}
+	configFlags(revoke)
+
+	rotate := &cobra.Command{
+		Use:   "rotate <key_id> [--grace 24h]",
+		Short: "Replace a key; print the new one once, as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE:  runRotate,
+	}
+	configFlags(rotate)
+	rotate.Flags().Duration("grace", DefaultGracePeriod, "How long the old key keeps working (0 to 720h)")
+
+	cmd.AddCommand(dev, create, list, revoke, rotate)
+}
+
+// openFromConfig loads the config and sets up its first apikeys handler's
+// store, as Caddy would, for a command. close releases the store.
+func openFromConfig(cmd *cobra.Command) (h *Handler, close func(), err error) {
+	fl := cmd.Flags()
+	configFile, _ := fl.GetString("config")
+	adapter, _ := fl.GetString("adapter")
+	envFile, _ := fl.GetString("envfile")
+	if configFile == "" {
+		return nil, nil, errors.New("--config is required")
+	}
+	if envFile != "" {
+		if err := loadEnvFile(envFile); err != nil {
+			return nil, nil, err
+		}
+	}
+	cfgJSON, _, _, err := caddycmd.LoadConfig(configFile, adapter)
+	if err != nil {
+		return nil, nil, err
+	}
+	raw, err := findHandlerJSON(cfgJSON, func(map[string]any) bool { return true })
+	if err != nil {
+		return nil, nil, err
+	}
+	h = new(Handler)
+	if err := json.Unmarshal(raw, h); err != nil {
+		return nil, nil, fmt.Errorf("decoding the apikeys handler config: %w", err)
+	}
+	h.DashboardJWT = nil // commands act as the operator, not as a session
+	if err := h.provisionCore(caddy.Context{}, zap.NewNop()); err != nil {
+		_ = h.Cleanup()
+		return nil, nil, err
+	}
+	if err := h.Validate(); err != nil {
+		_ = h.Cleanup()
+		return nil, nil, err
+	}
+	return h, func() { _ = h.Cleanup() }, nil
+}
+
+// cmdContext bounds a command's store calls.
+func cmdContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 10*time.Second)
+}
+
+// apiErr turns an API error into a command error.
+func apiErr(aerr *apiError) error {
+	if aerr.field != "" {
+		return fmt.Errorf("%s (%s): %s", aerr.code, aerr.field, aerr.message)
+	}
+	return fmt.Errorf("%s: %s", aerr.code, aerr.message)
+}
+
+func runCreate(cmd *cobra.Command, _ []string) error {
+	fl := cmd.Flags()
+	owner, _ := fl.GetString("owner")
+	name, _ := fl.GetString("name")
+	scopes, _ := fl.GetStringSlice("scopes")
+	days, _ := fl.GetInt("expires-in-days")
+	if owner == "" || name == "" {
+		return errors.New("--owner and --name are required")
+	}
+	h, closeStore, err := openFromConfig(cmd)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	// The same validation as the HTTP API, on the same request shape.
+	req := map[string]any{"name": name}
+	if fl.Changed("scopes") {
+		req["scopes"] = scopes
+	}
+	if fl.Changed("expires-in-days") {
+		req["expires_in_days"] = days
+	}
+	body, _ := json.Marshal(req)
+	ctx, cancel := cmdContext()
+	defer cancel()
+	op, aerr := h.prepareCreate(ctx, jwtauth.Claims{Owner: owner}, body)
+	if aerr == nil {
+		aerr = h.executeMint(ctx, op)
+	}
+	if aerr != nil {
+		return apiErr(aerr)
+	}
+	_, err = fmt.Fprintln(cmd.OutOrStdout(), string(op.respBody))
+	return err
+}
+
+func runList(cmd *cobra.Command, _ []string) error {
+	fl := cmd.Flags()
+	owner, _ := fl.GetString("owner")
+	status, _ := fl.GetString("status")
+	asJSON, _ := fl.GetBool("json")
+	if owner == "" {
+		return errors.New("--owner is required")
+	}
+	h, closeStore, err := openFromConfig(cmd)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	ctx, cancel := cmdContext()
+	defer cancel()
+	out := cmd.OutOrStdout()
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	if !asJSON {
+		fmt.Fprintln(tw, "KEY_ID\tNAME\tPREFIX\tSTATUS\tSCOPES\tCREATED\tEXPIRES\tLAST_USED")
+	}
+	now := h.now()
+	cursor := ""
+	for {
+		keys, next, err := h.store.List(ctx, owner, cursor, 100)
+		if err != nil {
+			return err
+		}
+		for _, k := range keys {
+			if status != "" && k.Status(now) != status {
+				continue
+			}
+			v := newKeyView(k, now)
+			if asJSON {
+				b, _ := marshalJSON(v)
+				fmt.Fprintln(out, string(b))
+				continue
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.KeyID, v.Name, v.Prefix, v.Status,
+				scopeString(k), fmtTime(&k.CreatedAt), fmtTime(k.ExpiresAt), fmtTime(k.LastUsedAt))
+		}
+		if next == "" {
+			break
+		}
+		cursor = next
+	}
+	return tw.Flush()
+}
+
+func fmtTime(t *time.Time) string {
+	if t == nil {
+		return "-"
+	}
+	return t.UTC().Format(apiTimeLayout)
+}
+
+func runRevoke(cmd *cobra.Command, args []string) error {
+	h, closeStore, err := openFromConfig(cmd)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	ctx, cancel := cmdContext()
+	defer cancel()
+	k, err := h.store.Revoke(ctx, args[0], h.now().UTC().Truncate(time.Millisecond))
+	if errors.Is(err, keystore.ErrNotFound) {
+		return fmt.Errorf("no key %q", args[0])
+	}
+	if err != nil {
+		return err
+	}
+	h.audit("revoked", k)
+	b, _ := marshalJSON(newKeyView(k, h.now()))
+	_, err = fmt.Fprintln(cmd.OutOrStdout(), string(b))
+	return err
+}
+
+func runRotate(cmd *cobra.Command, args []string) error {
+	grace, _ := cmd.Flags().GetDuration("grace")
+	if grace < 0 || grace > maxGracePeriodSeconds*time.Second {
+		return errors.New("--grace must be between 0 and 720h")
+	}
+	h, closeStore, err := openFromConfig(cmd)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	ctx, cancel := cmdContext()
+	defer cancel()
+	k, err := h.store.Get(ctx, args[0])
+	if errors.Is(err, keystore.ErrNotFound) {
+		return fmt.Errorf("no key %q", args[0])
+	}
+	if err != nil {
+		return err
+	}
+	op, aerr := h.prepareRotate(ctx, jwtauth.Claims{Owner: k.Owner}, k.ID, grace)
+	if aerr == nil {
+		aerr = h.executeMint(ctx, op)
+	}
+	if aerr != nil {
+		return apiErr(aerr)
+	}
+	_, err = fmt.Fprintln(cmd.OutOrStdout(), string(op.respBody))
+	return err
 }
 
 func runDevToken(cmd *cobra.Command, _ []string) error {
@@ -112,23 +363,35 @@ func runDevToken(cmd *cobra.Command, _ []string) error {
 // findDashboardJWT returns the dashboard_jwt of the first apikeys handler in
 // a JSON config that verifies with an HMAC secret.
 func findDashboardJWT(cfgJSON []byte) (*DashboardJWT, error) {
+	raw, err := findHandlerJSON(cfgJSON, func(h map[string]any) bool {
+		jwtCfg, _ := h["dashboard_jwt"].(map[string]any)
+		secret, _ := jwtCfg["secret"].(string)
+		return secret != ""
+	})
+	if err != nil {
+		return nil, errors.New("no apikeys handler with a dashboard_jwt secret in this config (dev-token signs HMAC tokens only)")
+	}
+	var h Handler
+	if err := json.Unmarshal(raw, &h); err != nil {
+		return nil, err
+	}
+	return h.DashboardJWT, nil
+}
+
+// findHandlerJSON returns the JSON of the first apikeys handler in a config
+// for which match is true.
+func findHandlerJSON(cfgJSON []byte, match func(map[string]any) bool) ([]byte, error) {
 	var root any
 	if err := json.Unmarshal(cfgJSON, &root); err != nil {
 		return nil, err
 	}
-	var found *DashboardJWT
+	var found map[string]any
 	var walk func(v any)
 	walk = func(v any) {
 		switch v := v.(type) {
 		case map[string]any:
-			if v["handler"] == "apikeys" && found == nil {
-				if raw, ok := v["dashboard_jwt"]; ok {
-					b, _ := json.Marshal(raw)
-					var c DashboardJWT
-					if json.Unmarshal(b, &c) == nil && c.Secret != "" {
-						found = &c
-					}
-				}
+			if found == nil && v["handler"] == "apikeys" && match(v) {
+				found = v
 			}
 			for _, child := range v {
 				walk(child)
@@ -141,9 +404,9 @@ func findDashboardJWT(cfgJSON []byte) (*DashboardJWT, error) {
 	}
 	walk(root)
 	if found == nil {
-		return nil, errors.New("no apikeys handler with a dashboard_jwt secret in this config (dev-token signs HMAC tokens only)")
+		return nil, errors.New("no apikeys handler in this config")
 	}
-	return found, nil
+	return json.Marshal(found)
 }
 
 // loadEnvFile sets the KEY=VALUE lines of an environment file (blank lines

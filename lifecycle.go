@@ -257,40 +257,46 @@ func (h *Handler) serveRotate(w http.ResponseWriter, r *http.Request, claims jwt
 		}
 	}
 	return h.mint(w, r, claims.Owner, body, func(ctx context.Context) (*mintOp, *apiError) {
-		old, aerr := h.ownedKey(ctx, claims.Owner, id)
-		if aerr != nil {
-			return nil, aerr
-		}
-		now := h.now().UTC().Truncate(time.Millisecond)
-		if st := old.Status(now); st != keystore.StatusActive {
-			if st == keystore.StatusRotating {
-				return nil, &apiError{status: http.StatusConflict, code: "key_already_rotated",
-					message: "This key was already rotated; rotate its replacement " + old.ReplacedBy + " instead."}
-			}
-			return nil, keyNotActive(st)
-		}
-		if aerr := h.grantable(claims, old.Scopes); aerr != nil {
-			return nil, aerr
-		}
-		if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
-			return nil, aerr
-		}
-		raw, err := keystore.Mint(h.KeyPrefix)
-		if err != nil {
-			return nil, internalError(err)
-		}
-		newID, err := keystore.NewKeyID()
-		if err != nil {
-			return nil, internalError(err)
-		}
-		k := &keystore.Key{ID: newID, Owner: old.Owner, Name: old.Name, Prefix: keystore.DisplayPrefix(h.KeyPrefix, raw),
-			Digest: h.hasher.Digest(raw), Scopes: old.Scopes, CreatedAt: now, ExpiresAt: old.ExpiresAt, Replaces: old.ID}
-		graceEnd := now.Add(grace)
-		if old.ExpiresAt != nil && old.ExpiresAt.Before(graceEnd) {
-			graceEnd = *old.ExpiresAt
-		}
-		return newMintOp(k, raw, &rotationPlan{oldID: old.ID, graceEnd: graceEnd})
+		return h.prepareRotate(ctx, claims, id, grace)
 	})
+}
+
+// prepareRotate checks that the session's key id can be rotated and mints
+// its replacement (not stored yet).
+func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id string, grace time.Duration) (*mintOp, *apiError) {
+	old, aerr := h.ownedKey(ctx, claims.Owner, id)
+	if aerr != nil {
+		return nil, aerr
+	}
+	now := h.now().UTC().Truncate(time.Millisecond)
+	if st := old.Status(now); st != keystore.StatusActive {
+		if st == keystore.StatusRotating {
+			return nil, &apiError{status: http.StatusConflict, code: "key_already_rotated",
+				message: "This key was already rotated; rotate its replacement " + old.ReplacedBy + " instead."}
+		}
+		return nil, keyNotActive(st)
+	}
+	if aerr := h.grantable(claims, old.Scopes); aerr != nil {
+		return nil, aerr
+	}
+	if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
+		return nil, aerr
+	}
+	raw, err := keystore.Mint(h.KeyPrefix)
+	if err != nil {
+		return nil, internalError(err)
+	}
+	newID, err := keystore.NewKeyID()
+	if err != nil {
+		return nil, internalError(err)
+	}
+	k := &keystore.Key{ID: newID, Owner: old.Owner, Name: old.Name, Prefix: keystore.DisplayPrefix(h.KeyPrefix, raw),
+		Digest: h.hasher.Digest(raw), Scopes: old.Scopes, CreatedAt: now, ExpiresAt: old.ExpiresAt, Replaces: old.ID}
+	graceEnd := now.Add(grace)
+	if old.ExpiresAt != nil && old.ExpiresAt.Before(graceEnd) {
+		graceEnd = *old.ExpiresAt
+	}
+	return newMintOp(k, raw, &rotationPlan{oldID: old.ID, graceEnd: graceEnd})
 }
 
 // startGrace marks k as replaced by newID and ends its life at graceEnd.

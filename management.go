@@ -133,22 +133,28 @@ func (h *Handler) serveCreate(w http.ResponseWriter, r *http.Request, claims jwt
 		return writeError(w, aerr)
 	}
 	return h.mint(w, r, claims.Owner, body, func(ctx context.Context) (*mintOp, *apiError) {
-		req, aerr := h.parseCreateRequest(body)
-		if aerr != nil {
-			return nil, aerr
-		}
-		if aerr := h.grantable(claims, req.Scopes); aerr != nil {
-			return nil, aerr
-		}
-		if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
-			return nil, aerr
-		}
-		key, raw, err := h.newKey(claims.Owner, req)
-		if err != nil {
-			return nil, internalError(err)
-		}
-		return newMintOp(key, raw, nil)
+		return h.prepareCreate(ctx, claims, body)
 	})
+}
+
+// prepareCreate validates a create body for the session and mints the key
+// it asks for (not stored yet).
+func (h *Handler) prepareCreate(ctx context.Context, claims jwtauth.Claims, body []byte) (*mintOp, *apiError) {
+	req, aerr := h.parseCreateRequest(body)
+	if aerr != nil {
+		return nil, aerr
+	}
+	if aerr := h.grantable(claims, req.Scopes); aerr != nil {
+		return nil, aerr
+	}
+	if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
+		return nil, aerr
+	}
+	key, raw, err := h.newKey(claims.Owner, req)
+	if err != nil {
+		return nil, internalError(err)
+	}
+	return newMintOp(key, raw, nil)
 }
 
 // writeCreated answers a minted key. The body holds the raw key, so it

@@ -180,8 +180,30 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision resolves secrets, opens (or reuses) the store and prepares the
 // JWT verifier and scope rules.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	h.logger = ctx.Logger()
 	h.ctx = ctx
+	if err := h.provisionCore(ctx, ctx.Logger()); err != nil {
+		return err
+	}
+	if h.DashboardJWT != nil {
+		var err error
+		repl := caddy.NewReplacer()
+		if h.verifier, err = h.DashboardJWT.newVerifier(ctx, repl); err != nil {
+			return err
+		}
+	}
+	eventsApp, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("apikeys: loading events app: %w", err)
+	}
+	h.events = eventsApp.(*caddyevents.App)
+	h.usage = newUsageRecorder(h.store, time.Duration(h.LastUsedInterval), h.logger)
+	return nil
+}
+
+// provisionCore sets up what working with keys needs (defaults, scopes,
+// secret, store), without the HTTP parts; `caddy apikeys` commands use it.
+func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
+	h.logger = logger
 	h.now = now
 	h.applyDefaults()
 	repl := caddy.NewReplacer()
@@ -215,18 +237,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.sealer, err = newSealer(secret); err != nil {
 		return err
 	}
-
-	if h.DashboardJWT != nil {
-		if h.verifier, err = h.DashboardJWT.newVerifier(ctx, repl); err != nil {
-			return err
-		}
-	}
-	eventsApp, err := ctx.App("events")
-	if err != nil {
-		return fmt.Errorf("apikeys: loading events app: %w", err)
-	}
-	h.events = eventsApp.(*caddyevents.App)
-	h.usage = newUsageRecorder(h.store, time.Duration(h.LastUsedInterval), h.logger)
 	return nil
 }
 
