@@ -53,13 +53,13 @@ type DashboardJWT struct {
 // newVerifier resolves secrets and reads key files, then builds the verifier.
 func (c *DashboardJWT) newVerifier(ctx caddy.Context, repl *caddy.Replacer) (*jwtauth.Verifier, error) {
 	cfg := jwtauth.Config{
-		Algorithms: c.Algorithms,
-		Issuer:     repl.ReplaceKnown(c.Issuer, ""),
-		Audience:   repl.ReplaceKnown(c.Audience, ""),
+		Algorithms:  c.Algorithms,
+		Issuer:      repl.ReplaceKnown(c.Issuer, ""),
+		Audience:    repl.ReplaceKnown(c.Audience, ""),
 		OwnerClaim:  c.OwnerClaim,
 		ScopesClaim: c.ScopesClaim,
-		Leeway:     time.Duration(c.Leeway),
-		HTTPClient: &http.Client{Timeout: 10 * time.Second},
+		Leeway:      time.Duration(c.Leeway),
+		HTTPClient:  &http.Client{Timeout: 10 * time.Second},
 	}
 	var err error
 	if cfg.Secret, err = resolveSecret(repl, "dashboard_jwt secret", c.Secret); err != nil {

@@ -20,10 +20,10 @@ import (
 
 // Limits and defaults of the lifecycle endpoints.
 const (
-	DefaultListLimit      = 20
-	maxListLimit          = 100
-	DefaultGracePeriod    = 24 * time.Hour
-	maxGracePeriodSeconds = 30 * 24 * 60 * 60
+	DefaultListLimit       = 20
+	maxListLimit           = 100
+	DefaultGracePeriod     = 24 * time.Hour
+	maxGracePeriodSeconds  = 30 * 24 * 60 * 60
 	DefaultMaxKeysPerOwner = 1000
 )
 
@@ -125,6 +125,7 @@ func (h *Handler) serveList(w http.ResponseWriter, r *http.Request, claims jwtau
 		cursor = next
 	}
 }
+
 // ownedKey loads a key of the caller. Another owner's key is not found.
 func (h *Handler) ownedKey(ctx context.Context, owner, id string) (*keystore.Key, *apiError) {
 	k, err := h.store.Get(ctx, id)

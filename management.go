@@ -16,7 +16,6 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-
 	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
