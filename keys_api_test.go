@@ -542,3 +542,48 @@ func TestLastUsed(t *testing.T) {
 var jwtHS256 = jwt.SigningMethodHS256
 
 var _ = http.StatusOK
+
+// TestAuditLogAndEvents: create, update, rotate and revoke are logged at
+// Info with action, key_id and owner, and emitted as Caddy events
+// (apikeys.<action>) that the events app delivers (it logs each at Debug).
+func TestAuditLogAndEvents(t *testing.T) {
+	g := startGateway(t, "file", "")
+	alice := dashboardToken(t, "alice")
+	k := g.create("alice", `{"name":"audited"}`)
+	g.do(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"renamed"}`})
+	rot := g.do(request{method: "POST", path: "/v1/apikeys/" + k.KeyID + "/rotate", bearer: alice})
+	var nk createdKey
+	_ = json.Unmarshal(rot.env.Data, &nk)
+	g.do(request{method: "DELETE", path: "/v1/apikeys/" + nk.KeyID, bearer: alice})
+	stopCaddy(t)
+
+	var infos, events []map[string]any
+	for _, l := range strings.Split(string(g.readLogs()), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) != nil {
+			continue
+		}
+		if m["logger"] == "http.handlers.apikeys" && m["level"] == "info" && m["action"] != nil {
+			infos = append(infos, m)
+		}
+		if m["msg"] == "event" && strings.HasPrefix(fmt.Sprint(m["name"]), "apikeys.") {
+			events = append(events, m)
+		}
+	}
+	want := []struct{ action, id string }{{"created", k.KeyID}, {"updated", k.KeyID}, {"rotated", k.KeyID}, {"created", nk.KeyID}, {"revoked", nk.KeyID}}
+	if len(infos) != len(want) || len(events) != len(want) {
+		t.Fatalf("%d audit lines and %d events, want %d each:\n%v\n%v", len(infos), len(events), len(want), infos, events)
+	}
+	for i, w := range want {
+		if infos[i]["action"] != w.action || infos[i]["key_id"] != w.id || infos[i]["owner"] != "alice" {
+			t.Errorf("audit line %d = %v, want %s of %s", i, infos[i], w.action, w.id)
+		}
+		data, _ := events[i]["data"].(map[string]any)
+		if events[i]["name"] != "apikeys."+w.action || data["key_id"] != w.id || data["owner"] != "alice" {
+			t.Errorf("event %d = %v, want apikeys.%s of %s", i, events[i], w.action, w.id)
+		}
+	}
+	if !strings.Contains(fmt.Sprint(infos[2]), nk.KeyID) {
+		t.Errorf("the rotation line does not name the new key: %v", infos[2])
+	}
+}
