@@ -10,8 +10,16 @@ package keystore
 //	keys         32-byte digest           -> JSON Key record
 //	ids          key ID                   -> 32-byte digest
 //	owners       "<sha256 owner hex>/<index member>" -> empty (see index.go)
+//	used         key ID                   -> 8-byte big-endian last use (unix ms)
 //	idempotency  record ID                -> 8-byte big-endian expiry (unix ns) + JSON record
 //	meta         "version"                -> data format version
+//
+// The used bucket was added after format version 1 without a version bump:
+// NewBolt creates it in older files, and older code ignores it.
+//
+// A background sweeper deletes expired idempotency records and, under
+// retention, keys whose end (Key.End) plus retention has passed: record, ID,
+// owner index entry and last-use time together, in one transaction.
 
 import (
 	"bytes"
@@ -33,7 +41,8 @@ import (
 // DefaultBoltTimeout is how long [NewBolt] waits for the file lock by default.
 const DefaultBoltTimeout = time.Second
 
-// boltSweepInterval is how often expired idempotency records are deleted.
+// boltSweepInterval is how often expired idempotency records, and keys past
+// their retention, are deleted.
 const boltSweepInterval = time.Minute
 
 // boltFormatVersion is stored in the meta bucket; NewBolt refuses files
@@ -44,6 +53,7 @@ var (
 	bucketKeys        = []byte("keys")
 	bucketIDs         = []byte("ids")
 	bucketOwners      = []byte("owners")
+	bucketUsed        = []byte("used")
 	bucketIdempotency = []byte("idempotency")
 	bucketMeta        = []byte("meta")
 	metaVersion       = []byte("version")
@@ -57,12 +67,20 @@ type BoltOptions struct {
 	// Timeout is how long to wait for the file lock held by another
 	// process; default 1s ([DefaultBoltTimeout]).
 	Timeout time.Duration
+	// Retention is how long revoked and expired keys are kept after they
+	// stop validating (from the earlier of revocation and expiry), so they
+	// can still be listed and inspected; then the sweeper deletes them
+	// (within a minute). Default 30 days ([DefaultRetention]); zero means
+	// the default, negative is invalid.
+	Retention time.Duration
 }
 
 // BoltStore is a [Store] in an embedded bbolt file. Only one process may
 // open the file at a time. Create it with [NewBolt].
 type BoltStore struct {
-	db *bolt.DB
+	db        *bolt.DB
+	retention time.Duration
+	now       func() time.Time // the clock; a test hook
 
 	stop      chan struct{}
 	sweeper   sync.WaitGroup
@@ -73,16 +91,21 @@ type BoltStore struct {
 var _ Store = (*BoltStore)(nil)
 
 // NewBolt opens (creating if needed) the bbolt file at opts.Path and starts
-// a background sweeper that deletes expired idempotency records every
-// minute. Call Close to stop it and release the file.
+// a background sweeper that deletes expired idempotency records, and keys
+// past their retention, every minute. Call Close to stop it and release the
+// file.
 func NewBolt(opts BoltOptions) (*BoltStore, error) {
-	return newBolt(opts, boltSweepInterval)
+	return newBolt(opts, boltSweepInterval, time.Now)
 }
 
-// newBolt is NewBolt with a configurable sweep interval, for tests.
-func newBolt(opts BoltOptions, sweepEvery time.Duration) (*BoltStore, error) {
+// newBolt is NewBolt with a configurable sweep interval and clock, for tests.
+func newBolt(opts BoltOptions, sweepEvery time.Duration, now func() time.Time) (*BoltStore, error) {
 	if opts.Path == "" {
 		return nil, errors.New("keystore: bolt store path is empty")
+	}
+	retention, err := checkRetention(opts.Retention)
+	if err != nil {
+		return nil, err
 	}
 	if opts.Timeout <= 0 {
 		opts.Timeout = DefaultBoltTimeout
@@ -102,7 +125,7 @@ func newBolt(opts BoltOptions, sweepEvery time.Duration) (*BoltStore, error) {
 		return nil, fmt.Errorf("keystore: initialise bolt store %s: %w", opts.Path, err)
 	}
 
-	s := &BoltStore{db: db, stop: make(chan struct{})}
+	s := &BoltStore{db: db, retention: retention, now: now, stop: make(chan struct{})}
 	s.sweeper.Add(1)
 	go s.sweep(sweepEvery)
 	return s, nil
@@ -110,7 +133,7 @@ func newBolt(opts BoltOptions, sweepEvery time.Duration) (*BoltStore, error) {
 
 // initBuckets creates the buckets and checks the format version.
 func initBuckets(tx *bolt.Tx) error {
-	for _, name := range [][]byte{bucketKeys, bucketIDs, bucketOwners, bucketIdempotency, bucketMeta} {
+	for _, name := range [][]byte{bucketKeys, bucketIDs, bucketOwners, bucketUsed, bucketIdempotency, bucketMeta} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
 		}
@@ -130,9 +153,9 @@ func (s *BoltStore) Create(_ context.Context, k *Key) error {
 	if err := validateKey(k); err != nil {
 		return err
 	}
-	record, err := json.Marshal(k)
+	record, err := encodeKey(k)
 	if err != nil {
-		return fmt.Errorf("keystore: encode key: %w", err)
+		return err
 	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		keys, ids := tx.Bucket(bucketKeys), tx.Bucket(bucketIDs)
@@ -212,12 +235,24 @@ func getByID(tx *bolt.Tx, id string) (*Key, error) {
 	return k, nil
 }
 
+// lastUsed returns the last-use time of key id inside tx, or nil.
+func lastUsed(tx *bolt.Tx, id string) *time.Time {
+	v := tx.Bucket(bucketUsed).Get([]byte(id))
+	if len(v) != 8 {
+		return nil
+	}
+	t := time.UnixMilli(int64(binary.BigEndian.Uint64(v))).UTC()
+	return &t
+}
+
 // Get implements [Store.Get].
 func (s *BoltStore) Get(_ context.Context, id string) (*Key, error) {
 	var k *Key
 	err := s.db.View(func(tx *bolt.Tx) error {
 		var err error
-		k, err = getByID(tx, id)
+		if k, err = getByID(tx, id); err == nil {
+			k.LastUsedAt = lastUsed(tx, id)
+		}
 		return err
 	})
 	return k, boltErr("get key", err)
@@ -273,6 +308,7 @@ func (s *BoltStore) List(_ context.Context, owner, cursor string, limit int) ([]
 			if key.Owner != owner {
 				continue
 			}
+			key.LastUsedAt = lastUsed(tx, id)
 			keys = append(keys, key)
 			members = append(members, member)
 		}
@@ -287,27 +323,93 @@ func (s *BoltStore) List(_ context.Context, owner, cursor string, limit int) ([]
 	return keys[:limit], members[limit-1], nil
 }
 
-// Revoke implements [Store.Revoke] in one transaction.
-func (s *BoltStore) Revoke(_ context.Context, id string, at time.Time) (*Key, error) {
-	var k *Key
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		var err error
-		k, err = getByID(tx, id)
-		if err != nil || k.RevokedAt != nil {
-			return err
+// Revoke implements [Store.Revoke] on top of Update.
+func (s *BoltStore) Revoke(ctx context.Context, id string, at time.Time) (*Key, error) {
+	return s.Update(ctx, id, func(k *Key) error {
+		if k.RevokedAt == nil {
+			k.RevokedAt = &at
 		}
-		revokedAt := at
-		k.RevokedAt = &revokedAt
-		data, err := json.Marshal(k)
+		return nil
+	})
+}
+
+// Update implements [Store.Update] in one transaction.
+func (s *BoltStore) Update(_ context.Context, id string, fn func(*Key) error) (*Key, error) {
+	var out *Key
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		cur, err := getByID(tx, id)
 		if err != nil {
 			return err
 		}
-		return tx.Bucket(bucketKeys).Put(k.Digest[:], data)
+		next, changed, err := applyUpdate(cur, fn)
+		if err != nil {
+			return err
+		}
+		if changed {
+			data, err := encodeKey(next)
+			if err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketKeys).Put(next.Digest[:], data); err != nil {
+				return err
+			}
+		}
+		next.LastUsedAt = lastUsed(tx, id)
+		out = next
+		return nil
+	})
+	if fnErr := fnErrorOf(err); fnErr != nil {
+		return nil, fnErr
+	}
+	if err != nil {
+		return nil, boltErr("update key", err)
+	}
+	return out, nil
+}
+
+// RecordUsage implements [Store.RecordUsage] in one transaction. IDs that
+// name no key are skipped.
+func (s *BoltStore) RecordUsage(_ context.Context, used map[string]time.Time) error {
+	if len(used) == 0 {
+		return nil
+	}
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		ids, b := tx.Bucket(bucketIDs), tx.Bucket(bucketUsed)
+		for id, t := range used {
+			ms := t.UnixMilli()
+			if id == "" || t.IsZero() || ms <= 0 || ids.Get([]byte(id)) == nil {
+				continue
+			}
+			if v := b.Get([]byte(id)); len(v) == 8 && int64(binary.BigEndian.Uint64(v)) >= ms {
+				continue
+			}
+			v := make([]byte, 8)
+			binary.BigEndian.PutUint64(v, uint64(ms))
+			if err := b.Put([]byte(id), v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return boltErr("record usage", err)
+}
+
+// CountOwner implements [Store.CountOwner] by counting the owner's index
+// entries.
+func (s *BoltStore) CountOwner(_ context.Context, owner string) (int, error) {
+	prefix := []byte(ownerHash(owner) + "/")
+	n := 0
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketOwners).Cursor()
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+			n++
+		}
+		return nil
 	})
 	if err != nil {
-		return nil, boltErr("revoke key", err)
+		return 0, boltErr("count keys", err)
 	}
-	return k, nil
+	return n, nil
 }
 
 // encodeBoltIdem returns the stored form of rec, expiring at expires.
@@ -351,7 +453,7 @@ func (s *BoltStore) ReserveIdempotency(_ context.Context, id string, rec *Idempo
 	var existing *IdempotencyRecord
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketIdempotency)
-		now := time.Now()
+		now := s.now()
 		cur, err := liveBoltIdem(b, id, now)
 		if err == nil {
 			existing = cur
@@ -377,7 +479,7 @@ func (s *BoltStore) GetIdempotency(_ context.Context, id string) (*IdempotencyRe
 	var rec *IdempotencyRecord
 	err := s.db.View(func(tx *bolt.Tx) error {
 		var err error
-		rec, err = liveBoltIdem(tx.Bucket(bucketIdempotency), id, time.Now())
+		rec, err = liveBoltIdem(tx.Bucket(bucketIdempotency), id, s.now())
 		return err
 	})
 	if err != nil {
@@ -398,7 +500,7 @@ func (s *BoltStore) ReplaceIdempotency(_ context.Context, id, token string, rec 
 	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketIdempotency)
-		now := time.Now()
+		now := s.now()
 		cur, err := liveBoltIdem(b, id, now)
 		if errors.Is(err, ErrNotFound) {
 			return ErrConflict
@@ -425,7 +527,7 @@ func (s *BoltStore) DeleteIdempotency(_ context.Context, id, token string) error
 	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketIdempotency)
-		cur, err := liveBoltIdem(b, id, time.Now())
+		cur, err := liveBoltIdem(b, id, s.now())
 		if errors.Is(err, ErrNotFound) {
 			return nil
 		}
@@ -451,33 +553,96 @@ func (s *BoltStore) sweep(every time.Duration) {
 			return
 		case <-t.C:
 			// An error here (say, a full disk) is retried at the next tick;
-			// expired records are ignored by reads in the meantime.
-			_ = s.sweepOnce(time.Now())
+			// expired idempotency records are ignored by reads in the
+			// meantime, and keys past retention stay a little longer.
+			_ = s.sweepOnce(s.now())
 		}
 	}
 }
 
-// sweepOnce deletes the idempotency records expired at now.
+// sweepOnce deletes the idempotency records expired at now and the keys
+// whose retention has passed at now. It finds them in a read transaction, so
+// that writers are not held up while it decodes every record, and deletes
+// them, checked again, in one write transaction (none if there is nothing to
+// delete).
 func (s *BoltStore) sweepOnce(now time.Time) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketIdempotency)
-		var expired [][]byte
-		err := b.ForEach(func(k, v []byte) error {
+	var idem, keys [][]byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		err := tx.Bucket(bucketIdempotency).ForEach(func(k, v []byte) error {
 			if boltIdemExpired(v, now) {
-				expired = append(expired, bytes.Clone(k))
+				idem = append(idem, bytes.Clone(k))
 			}
 			return nil
 		})
 		if err != nil {
 			return err
 		}
-		for _, k := range expired {
-			if err := b.Delete(k); err != nil {
+		return tx.Bucket(bucketKeys).ForEach(func(digest, v []byte) error {
+			if s.pastRetention(v, now) {
+				keys = append(keys, bytes.Clone(digest))
+			}
+			return nil
+		})
+	})
+	if err != nil || len(idem)+len(keys) == 0 {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketIdempotency)
+		for _, k := range idem {
+			if v := b.Get(k); v != nil && boltIdemExpired(v, now) {
+				if err := b.Delete(k); err != nil {
+					return err
+				}
+			}
+		}
+		for _, digest := range keys {
+			if err := s.deleteIfPastRetention(tx, digest, now); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
+}
+
+// pastRetention reports whether the stored record v belongs to a key whose
+// end plus retention has passed at now. A record that does not decode is
+// left alone.
+func (s *BoltStore) pastRetention(v []byte, now time.Time) bool {
+	k, err := decodeKey(v)
+	if err != nil {
+		return false
+	}
+	at, ok := deleteAt(k, s.retention)
+	return ok && !now.Before(at)
+}
+
+// deleteIfPastRetention deletes, inside tx, the key with the given digest
+// and everything that refers to it, if it is (still) past its retention at
+// now.
+func (s *BoltStore) deleteIfPastRetention(tx *bolt.Tx, digest []byte, now time.Time) error {
+	keys := tx.Bucket(bucketKeys)
+	v := keys.Get(digest)
+	if v == nil || !s.pastRetention(v, now) {
+		return nil // deleted, or given a later end, since the scan
+	}
+	k, err := decodeKey(v)
+	if err != nil {
+		return err
+	}
+	ids := tx.Bucket(bucketIDs)
+	if cur := ids.Get([]byte(k.ID)); cur != nil && bytes.Equal(cur, digest) {
+		if err := ids.Delete([]byte(k.ID)); err != nil {
+			return err
+		}
+	}
+	if err := tx.Bucket(bucketOwners).Delete(ownerIndexKey(k.Owner, indexMember(k))); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketUsed).Delete([]byte(k.ID)); err != nil {
+		return err
+	}
+	return keys.Delete(digest)
 }
 
 // Ping implements [Store.Ping]: it fails once the store is closed.

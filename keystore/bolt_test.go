@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -21,8 +22,62 @@ func newBoltStore(t *testing.T) *BoltStore {
 	return s
 }
 
+// testClock is a clock that a test moves forward.
+type testClock struct {
+	mu     sync.Mutex
+	offset time.Duration
+}
+
+// Now returns the wall-clock time plus the offset the test has added.
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.offset)
+}
+
+// AdvanceTo moves the clock forward to at least t.
+func (c *testClock) AdvanceTo(t time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if d := time.Until(t); d > c.offset {
+		c.offset = d
+	}
+}
+
+// newBoltStoreClock opens a BoltStore with the given retention on clock,
+// whose sweeper does not run by itself during a test (call sweepOnce).
+func newBoltStoreClock(t *testing.T, retention time.Duration, clock *testClock) *BoltStore {
+	t.Helper()
+	s, err := newBolt(BoltOptions{Path: filepath.Join(t.TempDir(), "keys.db"), Retention: retention}, time.Hour, clock.Now)
+	if err != nil {
+		t.Fatalf("newBolt: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
 func TestBoltConformance(t *testing.T) {
-	runConformance(t, func(t *testing.T) Store { return newBoltStore(t) })
+	runConformance(t, backend{
+		newStore: func(t *testing.T) Store { return newBoltStore(t) },
+		newRetentionStore: func(t *testing.T) (Store, func(time.Time)) {
+			const retention = 24 * time.Hour
+			clock := &testClock{}
+			s := newBoltStoreClock(t, retention, clock)
+			return s, func(end time.Time) {
+				clock.AdvanceTo(end.Add(retention))
+				if err := s.sweepOnce(clock.Now()); err != nil {
+					t.Fatalf("sweep: %v", err)
+				}
+			}
+		},
+		open: func(t *testing.T, retention time.Duration) (Store, error) {
+			s, err := NewBolt(BoltOptions{Path: filepath.Join(t.TempDir(), "keys.db"), Retention: retention})
+			if err != nil {
+				return nil, err
+			}
+			return s, nil
+		},
+	})
 }
 
 func TestBoltPersistsAcrossReopen(t *testing.T) {
@@ -123,7 +178,7 @@ func TestBoltRejectsOtherFormat(t *testing.T) {
 }
 
 func TestBoltSweeper(t *testing.T) {
-	s, err := newBolt(BoltOptions{Path: filepath.Join(t.TempDir(), "keys.db")}, 20*time.Millisecond)
+	s, err := newBolt(BoltOptions{Path: filepath.Join(t.TempDir(), "keys.db")}, 20*time.Millisecond, time.Now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,4 +217,68 @@ func TestBoltClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 	exerciseUnavailable(t, s, time.Second)
+}
+
+// TestBoltSweeperRetention checks that the background sweeper deletes a key
+// past its retention from every bucket, and nothing else.
+func TestBoltSweeperRetention(t *testing.T) {
+	const retention = time.Hour
+	clock := &testClock{}
+	s, err := newBolt(BoltOptions{Path: filepath.Join(t.TempDir(), "keys.db"), Retention: retention}, 20*time.Millisecond, clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := ctxT(t)
+
+	now := time.Now()
+	gone := newKey(t, "user-1", now.Add(-time.Hour))
+	revokedAt := now.Add(-time.Minute)
+	gone.RevokedAt = &revokedAt // created revoked: its end is RevokedAt
+	kept := newKey(t, "user-1", now)
+	mustCreate(t, s, gone)
+	mustCreate(t, s, kept)
+	if err := s.RecordUsage(ctx, map[string]time.Time{gone.ID: now, kept.ID: now}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ReserveIdempotency(ctx, "idem", newIdem("t"), 10*retention); err != nil {
+		t.Fatal(err)
+	}
+
+	// counts returns the number of entries in each bucket.
+	counts := func() map[string]int {
+		out := map[string]int{}
+		_ = s.db.View(func(tx *bolt.Tx) error {
+			for _, name := range [][]byte{bucketKeys, bucketIDs, bucketOwners, bucketUsed, bucketIdempotency} {
+				n := 0
+				_ = tx.Bucket(name).ForEach(func(_, _ []byte) error { n++; return nil })
+				out[string(name)] = n
+			}
+			return nil
+		})
+		return out
+	}
+	time.Sleep(100 * time.Millisecond) // a few sweeps before the retention passes
+	if c := counts(); c["keys"] != 2 || c["ids"] != 2 || c["owners"] != 2 || c["used"] != 2 {
+		t.Fatalf("swept before the retention passed: %v", c)
+	}
+
+	clock.AdvanceTo(revokedAt.Add(retention))
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		c := counts()
+		if c["keys"] == 1 && c["ids"] == 1 && c["owners"] == 1 && c["used"] == 1 && c["idempotency"] == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the retention: %v, want one of each", c)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := s.Get(ctx, gone.ID); err == nil {
+		t.Error("swept key still found")
+	}
+	if got := getKey(t, s, kept.ID); got.LastUsedAt == nil {
+		t.Error("kept key lost its last-used time")
+	}
 }

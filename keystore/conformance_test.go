@@ -16,9 +16,22 @@ import (
 // redis_test.go and bolt_test.go). A backend passes when runConformance is
 // green against a real instance of it.
 
-// runConformance runs the whole suite; newStore returns a fresh, empty store
-// for each subtest (and arranges for it to be closed).
-func runConformance(t *testing.T, newStore func(t *testing.T) Store) {
+// backend is what the suite needs of one Store implementation.
+type backend struct {
+	// newStore returns a fresh, empty store with the default retention
+	// (and arranges for it to be closed).
+	newStore func(t *testing.T) Store
+	// newRetentionStore returns a fresh, empty store with a short or
+	// controllable retention, and a function pass(end) that returns once
+	// the retention of keys that ended at or before end has passed for the
+	// store (by waiting, or by moving its clock and sweeping).
+	newRetentionStore func(t *testing.T) (s Store, pass func(end time.Time))
+	// open opens a fresh store with the given retention option.
+	open func(t *testing.T, retention time.Duration) (Store, error)
+}
+
+// runConformance runs the whole suite against b.
+func runConformance(t *testing.T, b backend) {
 	tests := []struct {
 		name string
 		run  func(t *testing.T, s Store)
@@ -44,11 +57,33 @@ func runConformance(t *testing.T, newStore func(t *testing.T) Store) {
 		{"IdempotencyTTL", testIdempotencyTTL},
 		{"IdempotencyReplaceSetsTTL", testIdempotencyReplaceSetsTTL},
 		{"IdempotencyConcurrentReserve", testIdempotencyConcurrentReserve},
+		{"UpdateFields", testUpdateFields},
+		{"UpdateRefusesImmutable", testUpdateRefusesImmutable},
+		{"UpdateFnError", testUpdateFnError},
+		{"UpdateNoChange", testUpdateNoChange},
+		{"UpdateConcurrent", testUpdateConcurrent},
+		{"UpdateNotFound", testUpdateNotFound},
+		{"RecordUsage", testRecordUsage},
+		{"CountOwner", testCountOwner},
+		{"Status", testStatus},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			tc.run(t, newStore(t))
+			tc.run(t, b.newStore(t))
+		})
+	}
+	// Tests that need more than a default store.
+	for _, tc := range []struct {
+		name string
+		run  func(t *testing.T, b backend)
+	}{
+		{"Retention", testRetention},
+		{"RetentionRejectsNegative", testRetentionRejectsNegative},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			tc.run(t, b)
 		})
 	}
 }
@@ -137,6 +172,10 @@ func assertKey(t testing.TB, want, got *Key) {
 	}
 	if !sameTimePtr(got.RevokedAt, want.RevokedAt) {
 		t.Errorf("revoked_at: got %v, want %v", got.RevokedAt, want.RevokedAt)
+	}
+	if got.Replaces != want.Replaces || got.ReplacedBy != want.ReplacedBy {
+		t.Errorf("rotation: got replaces %q, replaced by %q; want %q, %q",
+			got.Replaces, got.ReplacedBy, want.Replaces, want.ReplacedBy)
 	}
 }
 

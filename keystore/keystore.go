@@ -52,10 +52,31 @@ type Key struct {
 	// the grace period.
 	ReplacedBy string `json:"replaced_by,omitempty"`
 	// LastUsedAt is when the key last passed the guard, as recorded with
-	// [Store.RecordUsage] (so it lags by the caller's flush interval). Get,
-	// ByDigest and List fill it in; it is not part of the stored record.
+	// [Store.RecordUsage] (so it lags by the caller's flush interval), at
+	// millisecond precision; nil means never recorded. Get, List and Update
+	// fill it in; ByDigest leaves it nil, to keep key validation at one
+	// store round trip. It is kept apart from the stored record: Create and
+	// Update ignore it.
 	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
 }
+
+// End returns when k stopped or stops validating: the earlier of RevokedAt
+// and ExpiresAt, or nil if it has neither. Retention is counted from it.
+func (k *Key) End() *time.Time {
+	switch {
+	case k.RevokedAt == nil:
+		return k.ExpiresAt
+	case k.ExpiresAt == nil || k.RevokedAt.Before(*k.ExpiresAt):
+		return k.RevokedAt
+	default:
+		return k.ExpiresAt
+	}
+}
+
+// DefaultRetention is how long a store keeps a revoked or expired key after
+// it stopped validating (see [Key.End]), so that it can still be listed and
+// inspected, before deleting it.
+const DefaultRetention = 30 * 24 * time.Hour
 
 // Key statuses, as reported by [Key.Status].
 const (
@@ -145,23 +166,35 @@ type IdempotencyRecord struct {
 // findable by digest and by ID, listed under its owner and revocable. A
 // failed or interrupted Create never leaves a key that validates (is found by
 // digest) without also being listed and revocable.
+//
+// Retention: a key that has an end ([Key.End], the earlier of RevokedAt and
+// ExpiresAt) is deleted once end plus the store's retention (default
+// [DefaultRetention]) has passed: it is then missing from every read, as if
+// it never existed, along with its last-used time. Keys without an end are
+// kept for ever. Deletion is not instant: the bbolt store sweeps every
+// minute, and the Redis store relies on key expiry on the server (its owner
+// index is pruned when List walks past the dead entries).
 type Store interface {
 	// Create stores k. Creating a key whose ID and Digest are both already
 	// stored with the same values is a no-op success (so a retried write is
 	// safe). An ID or digest that belongs to another key gives ErrConflict.
 	Create(ctx context.Context, k *Key) error
 	// ByDigest returns the key with digest d, or ErrNotFound. Revoked and
-	// expired keys are returned too; callers check [Key.Active].
+	// expired keys are returned too; callers check [Key.Active]. It leaves
+	// LastUsedAt nil (this is the hot path of key validation).
 	ByDigest(ctx context.Context, d Digest) (*Key, error)
-	// Get returns the key with the given ID, or ErrNotFound.
+	// Get returns the key with the given ID, with LastUsedAt filled in, or
+	// ErrNotFound.
 	Get(ctx context.Context, id string) (*Key, error)
 	// List returns up to limit of owner's keys, newest first (by CreatedAt,
 	// then ID), starting after the opaque cursor ("" starts at the newest),
 	// and the cursor of the next page ("" when there is none). Pages are
-	// stable under concurrent inserts: no duplicates, no gaps.
+	// stable under concurrent inserts: no duplicates, no gaps. LastUsedAt is
+	// filled in.
 	List(ctx context.Context, owner, cursor string, limit int) ([]*Key, string, error)
 	// Revoke marks the key revoked at time at and returns the updated key,
-	// or ErrNotFound. Revoking a revoked key returns it unchanged.
+	// or ErrNotFound. Revoking a revoked key returns it unchanged. It is
+	// Update with a function that sets RevokedAt if it is nil.
 	Revoke(ctx context.Context, id string, at time.Time) (*Key, error)
 	// Update loads the key with the given ID, applies fn to it and stores
 	// the result, atomically with respect to other writers of that key (fn
@@ -169,13 +202,22 @@ type Store interface {
 	// effects). An error from fn aborts the update and is returned as is.
 	// fn may change Name, Scopes, ExpiresAt, RevokedAt, Replaces and
 	// ReplacedBy; a change to ID, Owner, Digest, Prefix or CreatedAt gives
-	// ErrConflict. Returns the updated key, or ErrNotFound.
+	// ErrConflict, and nothing is stored either way (changes to LastUsedAt
+	// are ignored). Returns the updated key, with LastUsedAt filled in, or
+	// ErrNotFound. Giving a key an end, or moving its end, moves its
+	// deletion under retention accordingly; removing the end keeps it for
+	// ever again.
 	Update(ctx context.Context, id string, fn func(*Key) error) (*Key, error)
 	// RecordUsage stores when keys were last used, by key ID, keeping the
-	// later of the stored and the given time. Unknown IDs are ignored.
+	// later of the stored and the given time (at millisecond precision).
+	// It is stored apart from the key records, so it never contends with
+	// Update. Unknown IDs and zero times are ignored.
 	RecordUsage(ctx context.Context, used map[string]time.Time) error
 	// CountOwner returns how many keys are stored under owner, including
-	// revoked and expired keys that retention has not removed yet.
+	// revoked and expired keys that retention has not removed yet. The
+	// Redis store counts its owner index as is: it also counts keys whose
+	// Create was interrupted, and keys already deleted by retention until a
+	// List walks past them, so it may count high, never low.
 	CountOwner(ctx context.Context, owner string) (int, error)
 
 	// ReserveIdempotency stores rec under id if no record exists there,

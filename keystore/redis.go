@@ -10,19 +10,32 @@ package keystore
 //	<ns>:id:<key ID>           string  hex digest of the key
 //	<ns>:digest:<hex digest>   string  JSON Key record
 //	<ns>:owner:<sha256 owner>  zset    index members, all scores 0 (see index.go)
+//	<ns>:used:<key ID>         string  last use, unix milliseconds (decimal)
 //	<ns>:idem:<record ID>      string  "<token>\n<JSON IdempotencyRecord>", with a TTL
 //
 // Create writes id, owner index, then digest record, each with NX. Only the
 // last write makes a key findable by digest (that is, valid), so a Create
 // interrupted at any point leaves nothing that validates; what it did leave
 // is ignored by reads and completed by a retry with the same key.
+//
+// Retention is left to the server: a key with an end (Key.End) has its id,
+// digest and used keys expire (PEXPIREAT) at end plus retention. Create sets
+// it on the id and digest keys as it writes them; Update sets it on the
+// digest key in the same transaction as the record, then on the id and used
+// keys, and re-reads the record to repair a race with another Update.
+// RecordUsage copies the id key's TTL to the used key. Reads treat a missing
+// record as a missing key, and List removes owner-index members whose id
+// key is gone (it is written before the member, so a Create in flight always
+// has one).
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -69,6 +82,12 @@ type RedisOptions struct {
 	// ([DefaultRedisWriteTimeout]). A non-zero value overrides the URL's
 	// write_timeout.
 	WriteTimeout time.Duration
+	// Retention is how long revoked and expired keys are kept after they
+	// stop validating (from the earlier of revocation and expiry), so they
+	// can still be listed and inspected; then Redis expires them. Default
+	// 30 days ([DefaultRetention]); zero means the default, negative is
+	// invalid.
+	Retention time.Duration
 }
 
 // ParseRedisOptions turns opts into go-redis client options. One URL gives
@@ -205,6 +224,7 @@ func pickDuration(explicit, fromURL, def time.Duration) time.Duration {
 type RedisStore struct {
 	c         redis.UniversalClient
 	ns        string
+	retention time.Duration
 	ownClient bool // Close closes c only if NewRedis created it
 }
 
@@ -214,23 +234,28 @@ var _ Store = (*RedisStore)(nil)
 // [ParseRedisOptions]). It does not contact Redis; call Ping to check that
 // the server is reachable.
 func NewRedis(opts RedisOptions) (*RedisStore, error) {
+	retention, err := checkRetention(opts.Retention)
+	if err != nil {
+		return nil, err
+	}
 	uo, err := ParseRedisOptions(opts)
 	if err != nil {
 		return nil, err
 	}
 	s := NewRedisFromClient(redis.NewUniversalClient(uo), opts.Namespace)
 	s.ownClient = true
+	s.retention = retention
 	return s, nil
 }
 
 // NewRedisFromClient returns a RedisStore on an existing client, with keys
-// under namespace ("" means [DefaultRedisNamespace]). Close does not close
-// c; its owner does.
+// under namespace ("" means [DefaultRedisNamespace]) and the default
+// retention ([DefaultRetention]). Close does not close c; its owner does.
 func NewRedisFromClient(c redis.UniversalClient, namespace string) *RedisStore {
 	if namespace == "" {
 		namespace = DefaultRedisNamespace
 	}
-	return &RedisStore{c: c, ns: namespace}
+	return &RedisStore{c: c, ns: namespace, retention: DefaultRetention}
 }
 
 func (s *RedisStore) idKey(id string) string      { return s.ns + ":id:" + id }
@@ -239,6 +264,28 @@ func (s *RedisStore) ownerKey(owner string) string {
 	return s.ns + ":owner:" + ownerHash(owner)
 }
 func (s *RedisStore) idemKey(id string) string { return s.ns + ":idem:" + id }
+func (s *RedisStore) usedKey(id string) string { return s.ns + ":used:" + id }
+
+// expireAt returns when the Redis keys of k expire under retention, in unix
+// milliseconds (at least 1, so that an end long past is still a valid
+// PEXPIREAT), or 0 if k has no end.
+func (s *RedisStore) expireAt(k *Key) int64 {
+	at, ok := deleteAt(k, s.retention)
+	if !ok {
+		return 0
+	}
+	return max(at.UnixMilli(), 1)
+}
+
+// expireArgs returns the SET arguments that give a key the expiry ms (see
+// expireAt; 0 means none) and the given mode ("NX", "XX").
+func expireArgs(mode string, ms int64) redis.SetArgs {
+	a := redis.SetArgs{Mode: mode}
+	if ms > 0 {
+		a.ExpireAt = time.UnixMilli(ms)
+	}
+	return a
+}
 
 // Create implements [Store.Create] with three single-key writes, in an order
 // that is safe to interrupt (see the file comment).
@@ -246,22 +293,23 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	if err := validateKey(k); err != nil {
 		return err
 	}
-	record, err := json.Marshal(k)
+	record, err := encodeKey(k)
 	if err != nil {
-		return fmt.Errorf("keystore: encode key: %w", err)
+		return err
 	}
 	digestHex := k.Digest.String()
+	expireAt := s.expireAt(k) // a key created with an end expires from birth
 
 	// 1. Claim the ID for this digest.
-	claimed, err := s.c.SetNX(ctx, s.idKey(k.ID), digestHex, 0).Result()
+	claimed, err := setNX(ctx, s.c, s.idKey(k.ID), digestHex, expireAt)
 	if err != nil {
 		return fmt.Errorf("keystore: redis create key (id): %w", err)
 	}
 	if !claimed {
 		cur, err := s.c.Get(ctx, s.idKey(k.ID)).Result()
 		if err != nil {
-			// redis.Nil included: IDs are never deleted, so the value that
-			// made SETNX fail must still be there.
+			// redis.Nil included: the value that made SET NX fail is gone
+			// only if retention expired it in between; the retry decides.
 			return fmt.Errorf("keystore: redis create key (read id): %w", err)
 		}
 		d, err := ParseDigest(cur)
@@ -276,7 +324,7 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	}
 
 	// 3. Publish the record: from here on the key validates.
-	stored, err := s.c.SetNX(ctx, s.digestKey(digestHex), record, 0).Result()
+	stored, err := setNX(ctx, s.c, s.digestKey(digestHex), record, expireAt)
 	if err != nil {
 		return fmt.Errorf("keystore: redis create key (record): %w", err)
 	}
@@ -292,6 +340,16 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	return nil
 }
 
+// setNX sets key to value if it does not exist, expiring at expireAt (unix
+// ms; 0 means never), and reports whether it did.
+func setNX(ctx context.Context, c redis.Cmdable, key string, value any, expireAt int64) (bool, error) {
+	err := c.SetArgs(ctx, key, value, expireArgs("NX", expireAt)).Err()
+	if errors.Is(err, redis.Nil) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
 // getRecord reads and decodes the record at <ns>:digest:<digestHex>.
 func (s *RedisStore) getRecord(ctx context.Context, digestHex string) (*Key, error) {
 	data, err := s.c.Get(ctx, s.digestKey(digestHex)).Bytes()
@@ -302,15 +360,6 @@ func (s *RedisStore) getRecord(ctx context.Context, digestHex string) (*Key, err
 		return nil, fmt.Errorf("keystore: redis get key: %w", err)
 	}
 	return decodeKey(data)
-}
-
-// decodeKey decodes a stored JSON key record.
-func decodeKey(data []byte) (*Key, error) {
-	var k Key
-	if err := json.Unmarshal(data, &k); err != nil {
-		return nil, fmt.Errorf("keystore: decode stored key: %w", err)
-	}
-	return &k, nil
 }
 
 // ByDigest implements [Store.ByDigest].
@@ -340,13 +389,27 @@ func (s *RedisStore) digestOf(ctx context.Context, id string) (string, error) {
 	return digestHex, nil
 }
 
-// Get implements [Store.Get].
+// Get implements [Store.Get]: the id key, then the record and the last-use
+// time in one pipeline.
 func (s *RedisStore) Get(ctx context.Context, id string) (*Key, error) {
 	digestHex, err := s.digestOf(ctx, id)
 	if err != nil {
 		return nil, err
 	}
-	k, err := s.getRecord(ctx, digestHex)
+	var recCmd, usedCmd *redis.StringCmd
+	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		recCmd = p.Get(ctx, s.digestKey(digestHex))
+		usedCmd = p.Get(ctx, s.usedKey(id))
+		return nil
+	})
+	data, err := recCmd.Bytes()
+	if errors.Is(err, redis.Nil) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("keystore: redis get key: %w", err)
+	}
+	k, err := decodeKey(data)
 	if err != nil {
 		return nil, err
 	}
@@ -355,12 +418,35 @@ func (s *RedisStore) Get(ctx context.Context, id string) (*Key, error) {
 		// key (it failed with ErrConflict); the ID names no key.
 		return nil, ErrNotFound
 	}
+	if k.LastUsedAt, err = parseUsed(usedCmd); err != nil {
+		return nil, fmt.Errorf("keystore: redis get key (last used): %w", err)
+	}
 	return k, nil
 }
 
+// parseUsed returns the time a GET of a used key read: nil if there is
+// none (or it is not a number, which only a foreign write could cause).
+func parseUsed(cmd *redis.StringCmd) (*time.Time, error) {
+	v, err := cmd.Result()
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	ms, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || ms <= 0 {
+		return nil, nil
+	}
+	t := time.UnixMilli(ms).UTC()
+	return &t, nil
+}
+
 // List implements [Store.List]. It walks the owner's index backwards in
-// batches, resolving each member to its record with two pipelined GETs, and
-// skips members without a record (interrupted or conflicting Creates).
+// batches, resolving each member to its record (and last-use time) with two
+// pipelines, and skips members without a record (interrupted or conflicting
+// Creates, keys deleted by retention). Members whose id key is gone too
+// (deleted by retention) are removed from the index on the way.
 func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) ([]*Key, string, error) {
 	if err := checkLimit(limit); err != nil {
 		return nil, "", err
@@ -388,7 +474,7 @@ func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) 
 		if err != nil {
 			return nil, "", fmt.Errorf("keystore: redis list keys: %w", err)
 		}
-		found, err := s.resolve(ctx, owner, batch)
+		found, err := s.resolve(ctx, owner, ownerKey, batch)
 		if err != nil {
 			return nil, "", err
 		}
@@ -411,8 +497,9 @@ func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) 
 }
 
 // resolve looks up the records of index members; the result has nil where a
-// member has no (matching) record.
-func (s *RedisStore) resolve(ctx context.Context, owner string, members []string) ([]*Key, error) {
+// member has no (matching) record. It removes members whose id key is gone
+// from the index at ownerKey.
+func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, members []string) ([]*Key, error) {
 	out := make([]*Key, len(members))
 	if len(members) == 0 {
 		return out, nil
@@ -423,32 +510,43 @@ func (s *RedisStore) resolve(ctx context.Context, owner string, members []string
 	}
 
 	idCmds := make([]*redis.StringCmd, len(members))
-	if _, err := s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, id := range ids {
 			idCmds[i] = p.Get(ctx, s.idKey(id))
 		}
 		return nil
-	}); err != nil && !errors.Is(err, redis.Nil) {
-		return nil, fmt.Errorf("keystore: redis list keys (ids): %w", err)
-	}
+	})
 
+	// Per-key GETs rather than MGET: on a cluster the keys live in
+	// different slots, and the pipeline sends each to its node.
 	recCmds := make([]*redis.StringCmd, len(members))
-	if _, err := s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+	usedCmds := make([]*redis.StringCmd, len(members))
+	var gone []any
+	for i, cmd := range idCmds {
+		err := cmd.Err()
+		switch {
+		case errors.Is(err, redis.Nil):
+			// The id key is written before the member, so a missing one
+			// means retention deleted the key: drop the member.
+			gone = append(gone, members[i])
+		case err != nil:
+			return nil, fmt.Errorf("keystore: redis list keys (ids): %w", err)
+		}
+	}
+	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, cmd := range idCmds {
-			digestHex, err := cmd.Result()
-			switch {
-			case errors.Is(err, redis.Nil):
-				// no such ID: skip the member
-			case err != nil:
-				return err
-			default:
+			if digestHex, err := cmd.Result(); err == nil {
 				recCmds[i] = p.Get(ctx, s.digestKey(digestHex))
+				usedCmds[i] = p.Get(ctx, s.usedKey(ids[i]))
 			}
 		}
+		if len(gone) > 0 {
+			// Best effort: a failure leaves members that the next List
+			// skips and removes again.
+			p.ZRem(ctx, ownerKey, gone...)
+		}
 		return nil
-	}); err != nil && !errors.Is(err, redis.Nil) {
-		return nil, fmt.Errorf("keystore: redis list keys (records): %w", err)
-	}
+	})
 
 	for i, cmd := range recCmds {
 		if cmd == nil {
@@ -465,26 +563,52 @@ func (s *RedisStore) resolve(ctx context.Context, owner string, members []string
 		if err != nil {
 			return nil, err
 		}
-		if k.ID == ids[i] && k.Owner == owner {
-			out[i] = k
+		if k.ID != ids[i] || k.Owner != owner {
+			continue
 		}
+		if k.LastUsedAt, err = parseUsed(usedCmds[i]); err != nil {
+			return nil, fmt.Errorf("keystore: redis list keys (last used): %w", err)
+		}
+		out[i] = k
 	}
 	return out, nil
 }
 
-// revokeAttempts bounds the optimistic-locking retries of Revoke.
-const revokeAttempts = 16
-
-// Revoke implements [Store.Revoke]. It updates the record with WATCH/MULTI
-// on its single key (valid on a cluster), so concurrent revokes agree on
-// one RevokedAt.
+// Revoke implements [Store.Revoke] on top of Update, so concurrent revokes
+// agree on one RevokedAt.
 func (s *RedisStore) Revoke(ctx context.Context, id string, at time.Time) (*Key, error) {
+	return s.Update(ctx, id, func(k *Key) error {
+		if k.RevokedAt == nil {
+			k.RevokedAt = &at
+		}
+		return nil
+	})
+}
+
+// updateAttempts bounds the optimistic-locking retries of Update. Between
+// attempts it backs off for a random time of up to updateMaxBackoff, so that
+// many writers of one key spread out rather than collide again.
+const (
+	updateAttempts   = 64
+	updateMaxBackoff = 20 * time.Millisecond
+)
+
+// Update implements [Store.Update] with WATCH/MULTI on the record's single
+// key (valid on a cluster), retried when another writer changed it. The
+// record and its expiry are written in one transaction; the id and used
+// keys follow (see syncExpiry).
+func (s *RedisStore) Update(ctx context.Context, id string, fn func(*Key) error) (*Key, error) {
 	digestHex, err := s.digestOf(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	recKey := s.digestKey(digestHex)
-	for range revokeAttempts {
+	for attempt := range updateAttempts {
+		if attempt > 0 {
+			if err := backoff(ctx, attempt); err != nil {
+				return nil, fmt.Errorf("keystore: redis update key: %w", err)
+			}
+		}
 		var out *Key
 		err := s.c.Watch(ctx, func(tx *redis.Tx) error {
 			data, err := tx.Get(ctx, recKey).Bytes()
@@ -494,43 +618,250 @@ func (s *RedisStore) Revoke(ctx context.Context, id string, at time.Time) (*Key,
 			if err != nil {
 				return err
 			}
-			k, err := decodeKey(data)
+			cur, err := decodeKey(data)
 			if err != nil {
 				return err
 			}
-			if k.ID != id {
+			if cur.ID != id {
 				return ErrNotFound
 			}
-			if k.RevokedAt != nil {
-				out = k
-				return nil
-			}
-			revokedAt := at
-			k.RevokedAt = &revokedAt
-			updated, err := json.Marshal(k)
+			next, changed, err := applyUpdate(cur, fn)
 			if err != nil {
 				return err
 			}
-			if _, err := tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
-				p.SetXX(ctx, recKey, updated, 0)
+			out = next
+			if !changed {
 				return nil
-			}); err != nil {
+			}
+			record, err := encodeKey(next)
+			if err != nil {
 				return err
 			}
-			out = k
-			return nil
+			_, err = tx.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				// XX: never resurrect a record that expired meanwhile. SET
+				// without an expiry drops the old one, for a key whose end
+				// was removed.
+				p.SetArgs(ctx, recKey, record, expireArgs("XX", s.expireAt(next)))
+				return nil
+			})
+			if errors.Is(err, redis.Nil) {
+				return ErrNotFound
+			}
+			return err
 		}, recKey)
+		if fnErr := fnErrorOf(err); fnErr != nil {
+			return nil, fnErr
+		}
 		switch {
 		case errors.Is(err, redis.TxFailedErr):
 			continue // the record changed under us: read it again
-		case errors.Is(err, ErrNotFound):
-			return nil, ErrNotFound
+		case errors.Is(err, ErrNotFound), errors.Is(err, ErrConflict):
+			return nil, err
 		case err != nil:
-			return nil, fmt.Errorf("keystore: redis revoke key: %w", err)
+			return nil, fmt.Errorf("keystore: redis update key: %w", err)
+		}
+		// Also when nothing changed: a retried Update repairs the expiry
+		// of the id and used keys if an earlier attempt failed to set it.
+		if out.LastUsedAt, err = s.syncExpiry(ctx, id, recKey, s.expireAt(out)); err != nil {
+			return nil, fmt.Errorf("keystore: redis update key (expiry): %w", err)
 		}
 		return out, nil
 	}
-	return nil, errors.New("keystore: redis revoke key: too much contention, try again")
+	return nil, errors.New("keystore: redis update key: too much contention, try again")
+}
+
+// backoff sleeps for a random time of up to updateMaxBackoff, growing with
+// attempt, or until ctx ends.
+func backoff(ctx context.Context, attempt int) error {
+	limit := min(time.Duration(1)<<min(attempt, 30)*time.Millisecond/2, updateMaxBackoff)
+	t := time.NewTimer(time.Duration(rand.Int64N(int64(limit)) + 1))
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// syncAttempts bounds the rounds of syncExpiry. Only concurrent Updates of
+// the same key that keep moving its end make it go round again; between
+// rounds it backs off like Update.
+const syncAttempts = 32
+
+// syncExpiry gives the id and used keys of key id the expiry expireAt (unix
+// ms; 0 means none) that its record at recKey was written with, and returns
+// the key's last-use time.
+//
+// The record and its expiry change together in one transaction, but the id
+// and used keys live in other slots and follow in separate commands, so two
+// concurrent Updates could apply their expiries there in the opposite order
+// to their record writes. So after applying it, syncExpiry reads the record
+// again and, if that calls for another expiry, applies that one. The last
+// expiry applied is then always followed by a read of the latest record
+// that agrees with it.
+func (s *RedisStore) syncExpiry(ctx context.Context, id, recKey string, expireAt int64) (*time.Time, error) {
+	idKey, usedKey := s.idKey(id), s.usedKey(id)
+	for round := range syncAttempts {
+		if round > 0 {
+			if err := backoff(ctx, round); err != nil {
+				return nil, err
+			}
+		}
+		cmds, _ := s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, key := range []string{idKey, usedKey} {
+				if expireAt > 0 {
+					p.PExpireAt(ctx, key, time.UnixMilli(expireAt))
+				} else {
+					p.Persist(ctx, key)
+				}
+			}
+			return nil
+		})
+		for _, cmd := range cmds {
+			if err := cmd.Err(); err != nil {
+				return nil, err
+			}
+		}
+
+		var recCmd, usedCmd *redis.StringCmd
+		_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+			recCmd = p.Get(ctx, recKey)
+			usedCmd = p.Get(ctx, usedKey)
+			return nil
+		})
+		lastUsed, err := parseUsed(usedCmd)
+		if err != nil {
+			return nil, err
+		}
+		data, err := recCmd.Bytes()
+		if errors.Is(err, redis.Nil) {
+			return lastUsed, nil // deleted by retention meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		k, err := decodeKey(data)
+		if err != nil {
+			return nil, err
+		}
+		want := s.expireAt(k)
+		if k.ID != id || want == expireAt {
+			return lastUsed, nil
+		}
+		expireAt = want // another Update moved the end: follow it
+	}
+	return nil, errors.New("too much contention, try again")
+}
+
+// recordUsageScript keeps the later of the stored and the given last-use
+// time at KEYS[1] (the used key) and gives it the TTL of its id key:
+// ARGV[1] is the time in unix ms, ARGV[2] the id key's PTTL in ms (-1: no
+// expiry).
+var recordUsageScript = redis.NewScript(`
+local cur = redis.call('GET', KEYS[1])
+local n = cur and tonumber(cur)
+if not n or n < tonumber(ARGV[1]) then
+	redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+end
+local ttl = tonumber(ARGV[2])
+if ttl < 0 then
+	redis.call('PERSIST', KEYS[1])
+else
+	redis.call('PEXPIRE', KEYS[1], math.max(ttl, 1))
+end
+return 1
+`)
+
+// RecordUsage implements [Store.RecordUsage] in two pipelines: the PTTL of
+// each ID's id key (a missing one means an unknown or deleted key, which is
+// skipped), then recordUsageScript on each used key, a single-key script
+// that keeps the maximum and copies the id key's expiry, so that the used
+// key goes when retention deletes the key.
+func (s *RedisStore) RecordUsage(ctx context.Context, used map[string]time.Time) error {
+	type usage struct {
+		id string
+		ms int64
+	}
+	batch := make([]usage, 0, len(used))
+	for id, t := range used {
+		if id != "" && !t.IsZero() && t.UnixMilli() > 0 {
+			batch = append(batch, usage{id, t.UnixMilli()})
+		}
+	}
+	if len(batch) == 0 {
+		return nil
+	}
+
+	ttlCmds := make([]*redis.DurationCmd, len(batch))
+	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, u := range batch {
+			ttlCmds[i] = p.PTTL(ctx, s.idKey(u.id))
+		}
+		return nil
+	})
+	type call struct {
+		key  string
+		args []any
+	}
+	var calls []call
+	for i, cmd := range ttlCmds {
+		ttl, err := cmd.Result()
+		if err != nil {
+			return fmt.Errorf("keystore: redis record usage (ttl): %w", err)
+		}
+		if ttl == -2 {
+			continue // no such key (go-redis passes PTTL's -2 and -1 through as is)
+		}
+		ms := int64(-1)
+		if ttl >= 0 {
+			ms = ttl.Milliseconds()
+		}
+		calls = append(calls, call{s.usedKey(batch[i].id), []any{batch[i].ms, ms}})
+	}
+
+	// EVALSHA, then EVAL for any node that did not have the script cached.
+	pending := calls
+	for _, useSha := range []bool{true, false} {
+		if len(pending) == 0 {
+			return nil
+		}
+		cmds := make([]*redis.Cmd, len(pending))
+		_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, c := range pending {
+				if useSha {
+					cmds[i] = recordUsageScript.EvalSha(ctx, p, []string{c.key}, c.args...)
+				} else {
+					cmds[i] = recordUsageScript.Eval(ctx, p, []string{c.key}, c.args...)
+				}
+			}
+			return nil
+		})
+		var retry []call
+		for i, cmd := range cmds {
+			err := cmd.Err()
+			switch {
+			case err == nil:
+			case useSha && redis.HasErrorPrefix(err, "NOSCRIPT"):
+				retry = append(retry, pending[i])
+			default:
+				return fmt.Errorf("keystore: redis record usage: %w", err)
+			}
+		}
+		pending = retry
+	}
+	return nil
+}
+
+// CountOwner implements [Store.CountOwner] with ZCARD of the owner index,
+// which also counts interrupted Creates and keys deleted by retention until
+// a List prunes them (see [Store.CountOwner]).
+func (s *RedisStore) CountOwner(ctx context.Context, owner string) (int, error) {
+	n, err := s.c.ZCard(ctx, s.ownerKey(owner)).Result()
+	if err != nil {
+		return 0, fmt.Errorf("keystore: redis count keys: %w", err)
+	}
+	return int(n), nil
 }
 
 // Idempotency records are stored as "<token>\n<json>" so that the scripts

@@ -36,10 +36,74 @@ func newRedisStore(t *testing.T, srv *testredis.Server, opts RedisOptions) *Redi
 	return s
 }
 
+// redisTestRetention is the retention of the Redis conformance suite's
+// retention test: Redis expires keys on its own clock, so the test waits it
+// out.
+const redisTestRetention = 2 * time.Second
+
 func TestRedisConformance(t *testing.T) {
 	srv := testredis.Start(t)
-	runConformance(t, func(t *testing.T) Store {
-		return newRedisStore(t, srv, RedisOptions{})
+	runConformance(t, backend{
+		newStore: func(t *testing.T) Store {
+			return newRedisStore(t, srv, RedisOptions{})
+		},
+		newRetentionStore: func(t *testing.T) (Store, func(time.Time)) {
+			s := newRedisStore(t, srv, RedisOptions{Retention: redisTestRetention})
+			return s, func(end time.Time) {
+				time.Sleep(time.Until(end.Add(redisTestRetention + 100*time.Millisecond)))
+			}
+		},
+		open: func(t *testing.T, retention time.Duration) (Store, error) {
+			s, err := NewRedis(RedisOptions{URLs: []string{srv.URL()}, Retention: retention})
+			if err != nil {
+				return nil, err
+			}
+			return s, nil
+		},
+	})
+}
+
+// TestRedisClusterConformance runs the suite on a three-node Redis Cluster,
+// where the keys of one API key live in different hash slots: every command
+// must touch a single key (or be a pipeline the client splits by node).
+func TestRedisClusterConformance(t *testing.T) {
+	cluster := testredis.StartCluster(t, 3)
+	open := func(t *testing.T, retention time.Duration) (*RedisStore, error) {
+		s, err := NewRedis(RedisOptions{
+			URLs:      cluster.URLs(),
+			Namespace: fmt.Sprintf("test%d", redisNamespaces.Add(1)),
+			Retention: retention,
+		})
+		if err != nil {
+			return nil, err
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s, nil
+	}
+	mustOpen := func(t *testing.T, retention time.Duration) *RedisStore {
+		s, err := open(t, retention)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := s.c.(*redis.ClusterClient); !ok {
+			t.Fatalf("store on %T, want a cluster client", s.c)
+		}
+		return s
+	}
+	runConformance(t, backend{
+		newStore: func(t *testing.T) Store { return mustOpen(t, 0) },
+		newRetentionStore: func(t *testing.T) (Store, func(time.Time)) {
+			return mustOpen(t, redisTestRetention), func(end time.Time) {
+				time.Sleep(time.Until(end.Add(redisTestRetention + 100*time.Millisecond)))
+			}
+		},
+		open: func(t *testing.T, retention time.Duration) (Store, error) {
+			s, err := open(t, retention)
+			if err != nil {
+				return nil, err
+			}
+			return s, nil
+		},
 	})
 }
 
@@ -52,6 +116,7 @@ func TestRedisKeyLayout(t *testing.T) {
 	ctx := ctxT(t)
 
 	k := newKey(t, "alice@example.com", time.UnixMilli(1754827200123).UTC())
+	k.ExpiresAt = nil // else retention may have deleted it already
 	mustCreate(t, s, k)
 
 	if got := rdb.Get(ctx, "ns:id:"+k.ID).Val(); got != k.Digest.String() {
@@ -82,6 +147,215 @@ func TestRedisKeyLayout(t *testing.T) {
 	for _, key := range keys {
 		if !strings.HasPrefix(key, "ns:") {
 			t.Errorf("key %q outside the namespace", key)
+		}
+	}
+}
+
+// TestRedisExpiryLayout pins how retention shows in Redis: the used key,
+// and the expiry of the id, digest and used keys of a key with an end.
+func TestRedisExpiryLayout(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+	const retention = time.Hour
+	s := newRedisStore(t, srv, RedisOptions{Namespace: "exp", Retention: retention})
+	ctx := ctxT(t)
+
+	k := newKey(t, "user-1", time.Now())
+	k.ExpiresAt = nil
+	mustCreate(t, s, k)
+	keys := []string{"exp:id:" + k.ID, "exp:digest:" + k.Digest.String(), "exp:used:" + k.ID}
+	// wantExpiry checks that each of keys expires at at (zero: never).
+	wantExpiry := func(step string, at time.Time) {
+		t.Helper()
+		for _, key := range keys {
+			ttl := rdb.PTTL(ctx, key).Val()
+			switch {
+			case at.IsZero() && ttl != -1:
+				t.Errorf("%s: %s has TTL %s, want none", step, key, ttl)
+			case !at.IsZero() && (ttl < 0 || time.Until(at)-ttl > time.Second || ttl-time.Until(at) > time.Second):
+				t.Errorf("%s: %s has TTL %s, want about %s", step, key, ttl, time.Until(at))
+			}
+		}
+	}
+
+	used := time.UnixMilli(1754827200123)
+	if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: used}); err != nil {
+		t.Fatal(err)
+	}
+	if got := rdb.Get(ctx, "exp:used:"+k.ID).Val(); got != "1754827200123" {
+		t.Errorf("exp:used:<id> = %q, want unix ms", got)
+	}
+	wantExpiry("created without an end", time.Time{})
+
+	revokedAt := time.Now().Add(time.Minute).Truncate(time.Millisecond)
+	if _, err := s.Revoke(ctx, k.ID, revokedAt); err != nil {
+		t.Fatal(err)
+	}
+	wantExpiry("revoked", revokedAt.Add(retention))
+
+	// An earlier expiry brings it forward; RecordUsage keeps it.
+	expires := revokedAt.Add(-30 * time.Second)
+	if _, err := s.Update(ctx, k.ID, func(k *Key) error { k.ExpiresAt = &expires; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	wantExpiry("expiry before revocation", expires.Add(retention))
+
+	// No end, no expiry.
+	if _, err := s.Update(ctx, k.ID, func(k *Key) error { k.ExpiresAt, k.RevokedAt = nil, nil; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	wantExpiry("end removed", time.Time{})
+
+	// A key created with an end expires from the start, and its used key
+	// takes the id key's expiry when RecordUsage first writes it.
+	e := newKey(t, "user-1", time.Now())
+	mustCreate(t, s, e)
+	if err := s.RecordUsage(ctx, map[string]time.Time{e.ID: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	keys = []string{"exp:id:" + e.ID, "exp:digest:" + e.Digest.String(), "exp:used:" + e.ID}
+	wantExpiry("created with an end", e.ExpiresAt.Add(retention))
+
+	// RecordUsage of an unknown ID writes nothing.
+	if err := s.RecordUsage(ctx, map[string]time.Time{"key_unknown": time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if n := rdb.Exists(ctx, "exp:used:key_unknown").Val(); n != 0 {
+		t.Error("RecordUsage wrote a used key for an unknown ID")
+	}
+}
+
+// TestRedisConcurrentEndChanges races Updates that give a key an end with
+// Updates that take it away: none may fail for contention, and the id and
+// used keys must end up with the record's expiry, so that the key is never
+// left findable by digest but not by ID. (TestRedisUpdateRepairsStaleExpiry
+// forces the interleaving that needs syncExpiry's repair; here it is only
+// likely.)
+func TestRedisConcurrentEndChanges(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+	s := newRedisStore(t, srv, RedisOptions{Namespace: "race"})
+	ctx := ctxT(t)
+
+	for round := range 5 {
+		k := newKey(t, "user-1", time.Now())
+		mustCreate(t, s, k)
+		if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		for i := range 8 {
+			wg.Go(func() {
+				for j := range 5 {
+					_, err := s.Update(context.Background(), k.ID, func(k *Key) error {
+						if (i+j)%2 == 0 {
+							k.ExpiresAt = nil
+						} else {
+							at := time.Now().Add(time.Duration(i*5+j) * time.Minute)
+							k.ExpiresAt = &at
+						}
+						return nil
+					})
+					if err != nil {
+						t.Errorf("Update: %v", err)
+					}
+				}
+			})
+		}
+		wg.Wait()
+
+		recTTL := rdb.PTTL(ctx, "race:digest:"+k.Digest.String()).Val()
+		for _, key := range []string{"race:id:" + k.ID, "race:used:" + k.ID} {
+			ttl := rdb.PTTL(ctx, key).Val()
+			if (ttl < 0) != (recTTL < 0) || (ttl-recTTL).Abs() > time.Second {
+				t.Errorf("round %d: %s has TTL %s, its record %s", round, key, ttl, recTTL)
+			}
+		}
+	}
+}
+
+// pauseExpiry is a go-redis hook that, once armed, holds the first pipeline
+// that sets an expiry (PEXPIREAT) until released.
+type pauseExpiry struct {
+	mu      sync.Mutex
+	armed   bool
+	paused  chan struct{} // closed when a pipeline is held
+	release chan struct{} // close to let it go on
+}
+
+func (h *pauseExpiry) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h *pauseExpiry) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (h *pauseExpiry) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.mu.Lock()
+		hold := h.armed && slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return c.Name() == "pexpireat" })
+		if hold {
+			h.armed = false
+		}
+		h.mu.Unlock()
+		if hold {
+			close(h.paused)
+			<-h.release
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestRedisUpdateRepairsStaleExpiry makes the race that syncExpiry repairs
+// happen: an Update that gives a key an end writes its record, then stalls
+// before setting the id and used keys' expiry; meanwhile another Update
+// removes the end again and completes. When the first one goes on, its
+// stale expiry must not stick, or the key (which no longer ends) would lose
+// its id key and become unlisted and unrevocable while it still validates.
+func TestRedisUpdateRepairsStaleExpiry(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+	hooked := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer hooked.Close()
+	hook := &pauseExpiry{paused: make(chan struct{}), release: make(chan struct{})}
+	hooked.AddHook(hook)
+	s := NewRedisFromClient(hooked, "stale")
+	ctx := ctxT(t)
+
+	k := newKey(t, "user-1", time.Now())
+	k.ExpiresAt = nil
+	mustCreate(t, s, k)
+	if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+
+	hook.mu.Lock()
+	hook.armed = true
+	hook.mu.Unlock()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Update(ctx, k.ID, func(k *Key) error {
+			at := time.Now()
+			k.RevokedAt = &at
+			return nil
+		})
+		done <- err
+	}()
+	<-hook.paused
+	if _, err := s.Update(ctx, k.ID, func(k *Key) error { k.RevokedAt = nil; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	close(hook.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+
+	got := getKey(t, s, k.ID)
+	if got.RevokedAt != nil {
+		t.Fatalf("the later Update was lost: revoked at %v", got.RevokedAt)
+	}
+	for _, key := range []string{"stale:id:" + k.ID, "stale:digest:" + k.Digest.String(), "stale:used:" + k.ID} {
+		if ttl := rdb.PTTL(ctx, key).Val(); ttl != -1 {
+			t.Errorf("%s has TTL %s; the key has no end and must be kept", key, ttl)
 		}
 	}
 }
@@ -180,6 +454,17 @@ func exerciseUnavailable(t *testing.T, s Store, limit time.Duration) {
 		},
 		"Revoke": func(ctx context.Context) error {
 			_, err := s.Revoke(ctx, k.ID, time.Now())
+			return err
+		},
+		"Update": func(ctx context.Context) error {
+			_, err := s.Update(ctx, k.ID, func(*Key) error { return nil })
+			return err
+		},
+		"RecordUsage": func(ctx context.Context) error {
+			return s.RecordUsage(ctx, map[string]time.Time{k.ID: time.Now()})
+		},
+		"CountOwner": func(ctx context.Context) error {
+			_, err := s.CountOwner(ctx, "user-1")
 			return err
 		},
 		"ReserveIdempotency": func(ctx context.Context) error {

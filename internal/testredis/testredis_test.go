@@ -2,9 +2,12 @@ package testredis
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 func TestStartStopRestart(t *testing.T) {
@@ -52,5 +55,27 @@ func TestTwoServers(t *testing.T) {
 	a, b := Start(t), Start(t)
 	if a.Addr() == b.Addr() {
 		t.Fatalf("both servers on %s", a.Addr())
+	}
+}
+
+func TestCluster(t *testing.T) {
+	c := StartCluster(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{c.Nodes[0].Addr()}})
+	defer rdb.Close()
+	// Keys spread over every node.
+	for i := range 100 {
+		if err := rdb.Set(ctx, fmt.Sprintf("k%d", i), i, 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, node := range c.Nodes {
+		if n := node.Client(t).DBSize(ctx).Val(); n == 0 {
+			t.Errorf("node %s holds no keys", node.Addr())
+		}
+	}
+	if len(c.URLs()) != 3 || !strings.HasPrefix(c.URLs()[0], "redis://127.0.0.1:") {
+		t.Errorf("URLs %v", c.URLs())
 	}
 }
