@@ -27,9 +27,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	apikeys [<matcher>] {
-//		store file [<path>]
+//		store file [<path>] {
+//			retention <duration>
+//		}
 //		store redis <url>... {
 //			namespace <prefix>
+//			retention <duration>
 //		}
 //		secret <placeholder>
 //		key_prefix <prefix>
@@ -196,22 +199,25 @@ func (h *Handler) unmarshalStore(d *caddyfile.Dispenser) error {
 				return d.Err(err.Error())
 			}
 		}
-		for nesting := d.Nesting(); d.NextBlock(nesting); {
-			switch d.Val() {
-			case "namespace":
-				if err := singleArg(d, &h.Store.Namespace); err != nil {
-					return err
-				}
-			default:
-				return d.Errf("unrecognized store redis option %q", d.Val())
-			}
-		}
-		return nil
 	default:
 		return d.Errf("unknown store type %q (want file or redis)", h.Store.Type)
 	}
-	if d.NextBlock(d.Nesting()) {
-		return d.Errf("store %s takes no block", h.Store.Type)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "namespace":
+			if h.Store.Type != "redis" {
+				return d.Errf("namespace is a store redis option")
+			}
+			if err := singleArg(d, &h.Store.Namespace); err != nil {
+				return err
+			}
+		case "retention":
+			if err := durationArg(d, &h.Store.Retention); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unrecognized store %s option %q", h.Store.Type, d.Val())
+		}
 	}
 	return nil
 }

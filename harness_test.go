@@ -65,6 +65,10 @@ type gateway struct {
 	client    *http.Client
 }
 
+// testStoreBlock, when set, is the body of the store subdirective's block
+// for gateways started afterwards.
+var testStoreBlock string
+
 // storeKinds are the backends every contract test runs against.
 var storeKinds = []string{"file", "redis"}
 
@@ -99,6 +103,9 @@ func (g *gateway) load(extra string) error {
 	storeLine := "store file " + g.storePath
 	if g.redis != nil {
 		storeLine = "store redis " + g.redis.URL()
+	}
+	if testStoreBlock != "" {
+		storeLine += " {\n" + testStoreBlock + "\n}"
 	}
 	cfg := fmt.Sprintf(`{
 	admin off

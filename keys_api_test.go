@@ -480,6 +480,12 @@ func TestKeyLimit(t *testing.T) {
 		t.Error("the refused create stored a key")
 	}
 	g.create("grace", `{"name":"other owner"}`)
+	// Revoked keys stop counting.
+	l, _ := g.list("frank", "")
+	if r := g.do(request{method: "DELETE", path: "/v1/apikeys/" + l.Keys[0].KeyID, bearer: dashboardToken(t, "frank")}); r.status != 200 {
+		t.Fatalf("revoke: %d", r.status)
+	}
+	g.create("frank", `{"name":"after a revoke"}`)
 }
 
 // TestCORS: preflights are answered without credentials, only listed
@@ -585,5 +591,38 @@ func TestAuditLogAndEvents(t *testing.T) {
 	}
 	if !strings.Contains(fmt.Sprint(infos[2]), nk.KeyID) {
 		t.Errorf("the rotation line does not name the new key: %v", infos[2])
+	}
+}
+
+// TestRetention: revoked and expired keys stay listed (as revoked /
+// expired) for the retention period, then disappear from listings.
+func TestRetention(t *testing.T) {
+	testStoreBlock = "retention 1s"
+	t.Cleanup(func() { testStoreBlock = "" })
+	g := startGateway(t, "redis", "")
+	alice := dashboardToken(t, "alice")
+	keep := g.create("alice", `{"name":"keep"}`)
+	gone := g.create("alice", `{"name":"gone"}`)
+	g.do(request{method: "DELETE", path: "/v1/apikeys/" + gone.KeyID, bearer: alice})
+	l, _ := g.list("alice", "?status=revoked")
+	if len(l.Keys) != 1 || l.Keys[0].KeyID != gone.KeyID {
+		t.Fatalf("revoked key not listed as revoked: %+v", l.Keys)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		l, _ = g.list("alice", "")
+		if len(l.Keys) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("revoked key still listed after retention: %+v", l.Keys)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if l.Keys[0].KeyID != keep.KeyID {
+		t.Errorf("the active key was removed: %+v", l.Keys)
+	}
+	if _, resp := g.view("alice", gone.KeyID); resp.status != 404 {
+		t.Errorf("GET of a cleaned-up key: %d", resp.status)
 	}
 }

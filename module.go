@@ -148,6 +148,9 @@ type StoreConfig struct {
 	URLs []string `json:"urls,omitempty"`
 	// Namespace prefixes every Redis key. Default: "apikeys".
 	Namespace string `json:"namespace,omitempty"`
+	// Retention is how long revoked and expired keys stay in the store
+	// (and in listings) after they stop validating. Default: 30 days.
+	Retention caddy.Duration `json:"retention,omitempty"`
 }
 
 // IdentityHeaders names the headers set on requests that pass the guard.

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -46,9 +47,10 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystor
 				return nil, "", nil, err
 			}
 		}
+		// One handle per file: the first config to open it sets retention.
 		key := "file:" + abs
 		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
-			s, err := keystore.NewBolt(keystore.BoltOptions{Path: abs})
+			s, err := keystore.NewBolt(keystore.BoltOptions{Path: abs, Retention: time.Duration(cfg.Retention)})
 			if err != nil {
 				return nil, err
 			}
@@ -76,7 +78,7 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystor
 		// The pool key holds credentials; it never leaves this process.
 		key := "redis:" + cfg.Namespace + "|" + strings.Join(urls, "|")
 		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
-			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace})
+			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace, Retention: time.Duration(cfg.Retention)})
 			if err != nil {
 				return nil, err
 			}
