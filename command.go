@@ -112,19 +112,7 @@ development: in production the dashboard issues tokens.`,
 // openFromConfig loads the config and sets up its first apikeys handler's
 // store, as Caddy would, for a command. close releases the store.
 func openFromConfig(cmd *cobra.Command) (h *Handler, close func(), err error) {
-	fl := cmd.Flags()
-	configFile, _ := fl.GetString("config")
-	adapter, _ := fl.GetString("adapter")
-	envFile, _ := fl.GetString("envfile")
-	if configFile == "" {
-		return nil, nil, errors.New("--config is required")
-	}
-	if envFile != "" {
-		if err := loadEnvFile(envFile); err != nil {
-			return nil, nil, err
-		}
-	}
-	cfgJSON, _, _, err := caddycmd.LoadConfig(configFile, adapter)
+	cfgJSON, err := loadCommandConfig(cmd)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -187,13 +175,18 @@ func runCreate(cmd *cobra.Command, _ []string) error {
 	ctx, cancel := cmdContext()
 	defer cancel()
 	op, aerr := h.prepareCreate(ctx, jwtauth.Claims{Owner: owner}, body)
+	return h.finishMint(ctx, cmd, op, aerr)
+}
+
+// finishMint stores a prepared key and prints it once, as the API answers.
+func (h *Handler) finishMint(ctx context.Context, cmd *cobra.Command, op *mintOp, aerr *apiError) error {
 	if aerr == nil {
 		aerr = h.executeMint(ctx, op)
 	}
 	if aerr != nil {
 		return apiErr(aerr)
 	}
-	_, err = fmt.Fprintln(cmd.OutOrStdout(), string(op.respBody))
+	_, err := fmt.Fprintln(cmd.OutOrStdout(), string(op.respBody))
 	return err
 }
 
@@ -293,35 +286,34 @@ func runRotate(cmd *cobra.Command, args []string) error {
 		return err
 	}
 	op, aerr := h.prepareRotate(ctx, jwtauth.Claims{Owner: k.Owner}, k.ID, grace)
-	if aerr == nil {
-		aerr = h.executeMint(ctx, op)
-	}
-	if aerr != nil {
-		return apiErr(aerr)
-	}
-	_, err = fmt.Fprintln(cmd.OutOrStdout(), string(op.respBody))
-	return err
+	return h.finishMint(ctx, cmd, op, aerr)
 }
 
-func runDevToken(cmd *cobra.Command, _ []string) error {
+// loadCommandConfig loads --envfile, then the JSON of --config.
+func loadCommandConfig(cmd *cobra.Command) ([]byte, error) {
 	fl := cmd.Flags()
 	configFile, _ := fl.GetString("config")
 	adapter, _ := fl.GetString("adapter")
 	envFile, _ := fl.GetString("envfile")
-	owner, _ := fl.GetString("owner")
-	ttl, _ := fl.GetDuration("ttl")
 	if configFile == "" {
-		return errors.New("--config is required")
-	}
-	if owner == "" || ttl <= 0 {
-		return errors.New("--owner must not be empty and --ttl must be positive")
+		return nil, errors.New("--config is required")
 	}
 	if envFile != "" {
 		if err := loadEnvFile(envFile); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	cfgJSON, _, _, err := caddycmd.LoadConfig(configFile, adapter)
+	return cfgJSON, err
+}
+
+func runDevToken(cmd *cobra.Command, _ []string) error {
+	owner, _ := cmd.Flags().GetString("owner")
+	ttl, _ := cmd.Flags().GetDuration("ttl")
+	if owner == "" || ttl <= 0 {
+		return errors.New("--owner must not be empty and --ttl must be positive")
+	}
+	cfgJSON, err := loadCommandConfig(cmd)
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -20,6 +19,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	"github.com/golang-jwt/jwt/v5"
 
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
@@ -180,15 +180,7 @@ func currentStore(t *testing.T) keystore.Store {
 	return found
 }
 
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t testing.TB) int { return testcaddy.FreePort(t) }
 
 // echoBackend is a real HTTP server that records what it received.
 type echoBackend struct {
