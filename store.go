@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -9,9 +10,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
@@ -62,6 +67,7 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystor
 		return v.(pooledStore).Store, key, secret, nil
 
 	case "redis":
+		routeRedisLogs.Do(func() { redis.SetLogger(redisLogger{}) })
 		if wantSecret {
 			return nil, "", nil, errors.New("apikeys: secret is required with the redis store (every node must derive the same digests); set it to a placeholder such as {env.APIKEYS_SECRET}")
 		}
@@ -147,4 +153,18 @@ func loadOrCreateSecret(p string) ([]byte, error) {
 		return nil, err
 	}
 	return secret, f.Close()
+}
+
+// routeRedisLogs makes go-redis log through Caddy once a Redis store is used.
+var routeRedisLogs sync.Once
+
+// redisLogger sends go-redis's own messages (dial failures, pool notes) to
+// Caddy's log at Debug instead of stderr; the handler logs store failures
+// itself, at Error, with context.
+type redisLogger struct{}
+
+func (redisLogger) Printf(_ context.Context, format string, v ...any) {
+	if c := caddy.Log().Named("http.handlers.apikeys.redis").Check(zapcore.DebugLevel, "go-redis"); c != nil {
+		c.Write(zap.String("message", fmt.Sprintf(format, v...)))
+	}
 }
