@@ -53,6 +53,14 @@ type RedisOptions struct {
 	// (redis://user:pass@host:6379/0?pool_size=20). One URL connects to a
 	// standalone server; several URLs are seed nodes of a Redis Cluster
 	// (database 0 only; query options are taken from the first URL).
+	//
+	// A single URL of the form
+	// redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db]
+	// connects to the primary that the listed Sentinels (port default
+	// 26379) name for master-name, and follows failovers. user and pass
+	// authenticate to the primary and replicas; the query options
+	// sentinel_username and sentinel_password, to the Sentinels; other
+	// query options are those of redis:// URLs.
 	URLs []string
 	// Namespace prefixes every Redis key; default "apikeys"
 	// ([DefaultRedisNamespace]).
@@ -69,11 +77,22 @@ type RedisOptions struct {
 	// ([DefaultRedisWriteTimeout]). A non-zero value overrides the URL's
 	// write_timeout.
 	WriteTimeout time.Duration
+	// WaitReplicas, when above 0, makes each write of Create wait (Redis
+	// WAIT) until that many replicas of its primary acknowledged it, and
+	// fail otherwise; default 0 (no wait). With Sentinel, or a Cluster with
+	// replicas, set it to 1 or more: replication is asynchronous, so
+	// without it a key written to a primary just before a failover can be
+	// lost, or half-written, though Create returned nil.
+	WaitReplicas int
+	// WaitTimeout bounds each such wait; default 1s
+	// ([DefaultRedisWaitTimeout]), and never beyond the caller's deadline.
+	WaitTimeout time.Duration
 }
 
 // ParseRedisOptions turns opts into go-redis client options. One URL gives
 // options for a standalone client; several give Cluster seed nodes, which
-// must agree on TLS and credentials. Beyond what the URLs say it sets:
+// must agree on TLS and credentials; one redis+sentinel:// URL gives options
+// for a Sentinel-managed primary (see [RedisOptions.URLs]). Beyond what the URLs say it sets:
 // the timeouts (see [RedisOptions]), DefaultRedisMaxRetries unless the URL
 // sets max_retries, a single dial attempt per connection (so an unreachable
 // server fails within about DialTimeout), and ContextTimeoutEnabled, so a
@@ -83,6 +102,13 @@ type RedisOptions struct {
 func ParseRedisOptions(opts RedisOptions) (*redis.UniversalOptions, error) {
 	if len(opts.URLs) == 0 {
 		return nil, errors.New("keystore: no Redis URL given")
+	}
+	if hasSentinelURL(opts.URLs) {
+		uo, err := parseSentinelURLs(opts.URLs)
+		if err != nil {
+			return nil, err
+		}
+		return finishRedisOptions(opts, uo), nil
 	}
 	var (
 		uo       *redis.UniversalOptions
@@ -126,12 +152,17 @@ func ParseRedisOptions(opts RedisOptions) (*redis.UniversalOptions, error) {
 		uo.DB = 0
 	}
 
+	return finishRedisOptions(opts, uo), nil
+}
+
+// finishRedisOptions sets what ParseRedisOptions sets beyond the URLs.
+func finishRedisOptions(opts RedisOptions, uo *redis.UniversalOptions) *redis.UniversalOptions {
 	uo.DialTimeout = pickDuration(opts.DialTimeout, uo.DialTimeout, DefaultRedisDialTimeout)
 	uo.ReadTimeout = pickDuration(opts.ReadTimeout, uo.ReadTimeout, DefaultRedisReadTimeout)
 	uo.WriteTimeout = pickDuration(opts.WriteTimeout, uo.WriteTimeout, DefaultRedisWriteTimeout)
 	uo.DialerRetries = 1
 	uo.ContextTimeoutEnabled = true
-	return uo, nil
+	return uo
 }
 
 // parseRedisURL parses the i-th configured URL with go-redis, without ever
@@ -206,6 +237,9 @@ type RedisStore struct {
 	c         redis.UniversalClient
 	ns        string
 	ownClient bool // Close closes c only if NewRedis created it
+
+	waitReplicas int           // see RedisOptions.WaitReplicas
+	waitTimeout  time.Duration // see RedisOptions.WaitTimeout
 }
 
 var _ Store = (*RedisStore)(nil)
@@ -218,8 +252,13 @@ func NewRedis(opts RedisOptions) (*RedisStore, error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.WaitReplicas < 0 {
+		return nil, fmt.Errorf("keystore: WaitReplicas must not be negative, got %d", opts.WaitReplicas)
+	}
 	s := NewRedisFromClient(redis.NewUniversalClient(uo), opts.Namespace)
 	s.ownClient = true
+	s.waitReplicas = opts.WaitReplicas
+	s.waitTimeout = pickDuration(opts.WaitTimeout, 0, DefaultRedisWaitTimeout)
 	return s, nil
 }
 
@@ -253,7 +292,7 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	digestHex := k.Digest.String()
 
 	// 1. Claim the ID for this digest.
-	claimed, err := s.c.SetNX(ctx, s.idKey(k.ID), digestHex, 0).Result()
+	claimed, err := s.setNX(ctx, s.idKey(k.ID), digestHex)
 	if err != nil {
 		return fmt.Errorf("keystore: redis create key (id): %w", err)
 	}
@@ -271,12 +310,14 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	}
 
 	// 2. List it under its owner. Until step 3 the entry is skipped by List.
-	if err := s.c.ZAdd(ctx, s.ownerKey(k.Owner), redis.Z{Member: indexMember(k)}).Err(); err != nil {
+	if err := s.write(ctx, s.ownerKey(k.Owner), func(p redis.Cmdable) redis.Cmder {
+		return p.ZAdd(ctx, s.ownerKey(k.Owner), redis.Z{Member: indexMember(k)})
+	}); err != nil {
 		return fmt.Errorf("keystore: redis create key (owner index): %w", err)
 	}
 
 	// 3. Publish the record: from here on the key validates.
-	stored, err := s.c.SetNX(ctx, s.digestKey(digestHex), record, 0).Result()
+	stored, err := s.setNX(ctx, s.digestKey(digestHex), record)
 	if err != nil {
 		return fmt.Errorf("keystore: redis create key (record): %w", err)
 	}

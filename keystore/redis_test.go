@@ -497,11 +497,19 @@ func (h *failNth) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // completes the key.
 func TestRedisCreateInterruptedAtEachStep(t *testing.T) {
 	srv := testredis.Start(t)
+	testCreateInterruptedAtEachStep(t, func() redis.UniversalClient {
+		return redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	})
+}
+
+// testCreateInterruptedAtEachStep is TestRedisCreateInterruptedAtEachStep
+// on clients from newClient (standalone or cluster).
+func testCreateInterruptedAtEachStep(t *testing.T, newClient func() redis.UniversalClient) {
 	for step := range 3 {
 		for _, after := range []bool{false, true} {
 			t.Run(fmt.Sprintf("step%d/after=%v", step+1, after), func(t *testing.T) {
 				ctx := ctxT(t)
-				rdb := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+				rdb := newClient()
 				defer rdb.Close()
 				hook := &failNth{n: step, after: after}
 				rdb.AddHook(hook)
