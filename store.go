@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -74,9 +75,10 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystor
 			}
 		}
 		// The pool key holds credentials; it never leaves this process.
-		key := "redis:" + cfg.Namespace + "|" + strings.Join(urls, "|")
+		key := fmt.Sprintf("redis:%s|%d|%d|%s", cfg.Namespace, cfg.WaitReplicas, cfg.WaitTimeout, strings.Join(urls, "|"))
 		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
-			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace})
+			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace,
+				WaitReplicas: cfg.WaitReplicas, WaitTimeout: time.Duration(cfg.WaitTimeout)})
 			if err != nil {
 				return nil, err
 			}
