@@ -58,10 +58,10 @@ type gateway struct {
 	base      string // http://127.0.0.1:port
 	storePath string // the bbolt file, for the file store
 	backend   *echoBackend
-	redis     *testredis.Server // nil for the file store
+	redis     *testredis.Server   // nil for the file store
 	cluster   *testredis.Cluster  // the "cluster" kind's Redis Cluster
 	sentinel  *testredis.Sentinel // the "sentinel" kind's Sentinel deployment
-	store     keystore.Store    // the very store the handler uses
+	store     keystore.Store      // the very store the handler uses
 	logDir    string
 	client    *http.Client
 }
