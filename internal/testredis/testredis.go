@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -276,4 +277,30 @@ func (b *lockedBuffer) tail() string {
 		out = out[len(out)-max:]
 	}
 	return string(out)
+}
+
+// Pause stops the server process with SIGSTOP: it keeps its port and
+// connections but answers nothing, like a hung or partitioned server.
+// Resume continues it; the test's cleanup resumes it before killing it.
+func (s *Server) Pause() {
+	s.t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		s.t.Fatal("testredis: Pause of a stopped server")
+	}
+	if err := s.proc.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		s.t.Fatalf("testredis: pause: %v", err)
+	}
+	s.t.Cleanup(s.Resume)
+}
+
+// Resume continues a paused server (SIGCONT). Resuming a running or stopped
+// server does nothing.
+func (s *Server) Resume() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc != nil {
+		_ = s.proc.cmd.Process.Signal(syscall.SIGCONT)
+	}
 }

@@ -54,3 +54,19 @@ func TestTwoServers(t *testing.T) {
 		t.Fatalf("both servers on %s", a.Addr())
 	}
 }
+
+func TestPauseResume(t *testing.T) {
+	srv := Start(t)
+	srv.Pause()
+	start := time.Now()
+	if err := ping(srv.Addr()); err == nil {
+		t.Fatal("a paused server answered PING")
+	}
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Errorf("PING failed after %s: the paused server should hang, not refuse", d)
+	}
+	srv.Resume()
+	if err := ping(srv.Addr()); err != nil {
+		t.Fatalf("PING after Resume: %v", err)
+	}
+}
