@@ -8,9 +8,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // hostileCase is one hostile request and the clear 4xx it must get.
@@ -226,4 +231,101 @@ func rawRequest(t *testing.T, addr, raw string) int {
 	}
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// TestSpoofedIdentityHeaderVariants sends client copies of the identity
+// headers spelled with underscores, dots and other cases to a server that
+// lets such names through (expected_underscore_headers and
+// expected_dot_headers): none reaches the backend, where CGI-style servers
+// would read X_Api_Key_Owner as the identity header (both become
+// HTTP_X_API_KEY_OWNER).
+func TestSpoofedIdentityHeaderVariants(t *testing.T) {
+	backend := newEchoBackend(t)
+	port := freePort(t)
+	cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+	servers {
+		expected_underscore_headers x_api_key_* x-api_key-*
+		expected_dot_headers x.api.key.*
+	}
+}
+
+http://127.0.0.1:%[1]d {
+	apikeys {
+		store file %[2]s
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %[3]s
+			audience %[4]s
+		}
+	}
+	reverse_proxy %[5]s
+}
+`, port, filepath.Join(t.TempDir(), "keys.db"), testIssuer, testAudience, strings.TrimPrefix(backend.URL, "http://"))
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stopCaddy(t) })
+	g := &gateway{t: t, base: fmt.Sprintf("http://127.0.0.1:%d", port), backend: backend, client: &http.Client{Timeout: 10 * time.Second}}
+	k := g.create("alice", `{"name":"spoof"}`)
+
+	variants := []string{"X_Api_Key_Owner", "X_API_KEY_ID", "x_api_key_scopes", "X-Api_Key-Owner", "X.Api.Key.Owner"}
+	req, err := http.NewRequest("GET", g.base+"/v1/x", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+k.Key)
+	req.Header.Set("X_Api_Key_Unrelated", "kept") // proves the server passes such names
+	for _, name := range variants {
+		req.Header[name] = []string{"mallory"}
+	}
+	resp, err := g.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	seen := backend.last(t)
+	if seen.Get("X_api_key_unrelated") != "kept" {
+		t.Fatalf("the server dropped an allowed underscore header; the test proves nothing: %v", seen)
+	}
+	for name, vals := range seen {
+		for _, id := range []string{"X-Api-Key-Id", "X-Api-Key-Owner", "X-Api-Key-Scopes"} {
+			if sameHeaderLoosely(name, id) && (name != id || len(vals) != 1 || slices.Contains(vals, "mallory")) {
+				t.Errorf("the backend saw %s: %q", name, vals)
+			}
+		}
+	}
+	if seen.Get("X-Api-Key-Owner") != "alice" {
+		t.Errorf("owner header %q", seen.Get("X-Api-Key-Owner"))
+	}
+}
+
+func TestSameHeaderLoosely(t *testing.T) {
+	for _, tc := range []struct {
+		a, b string
+		want bool
+	}{
+		{"X-Api-Key-Id", "X-Api-Key-Id", true},
+		{"x_api_key_id", "X-Api-Key-Id", true},
+		{"X-API-KEY-ID", "X-Api-Key-Id", true},
+		{"X-Api-Key-Ids", "X-Api-Key-Id", false},
+		{"X@Api-Key-Id", "X`Api-Key-Id", false},
+		{"X-Api-Key-I[", "X-Api-Key-I{", false},
+		{"X.Api.Key.Id", "X-Api-Key-Id", true},
+		{"", "", true},
+	} {
+		if got := sameHeaderLoosely(tc.a, tc.b); got != tc.want {
+			t.Errorf("sameHeaderLoosely(%q, %q) = %v", tc.a, tc.b, got)
+		}
+	}
 }
