@@ -32,9 +32,10 @@ func (s *RedisStore) write(ctx context.Context, key string, cmd func(p redis.Cmd
 		}
 		c = node
 	}
-	timeout := s.waitTimeout
+	// Leave time for the reply before the read deadline: the caller's
+	// deadline or the client's read timeout.
+	timeout := min(s.waitTimeout, s.readTimeout*3/4)
 	if dl, ok := ctx.Deadline(); ok {
-		// Leave time for the reply before the caller's deadline.
 		timeout = min(timeout, time.Until(dl)*3/4)
 	}
 	var (

@@ -85,7 +85,9 @@ type RedisOptions struct {
 	// lost, or half-written, though Create returned nil.
 	WaitReplicas int
 	// WaitTimeout bounds each such wait; default 1s
-	// ([DefaultRedisWaitTimeout]), and never beyond the caller's deadline.
+	// ([DefaultRedisWaitTimeout]). It is cut to 3/4 of the time left before
+	// the read deadline (the caller's, or ReadTimeout), so the reply of a
+	// wait that timed out still arrives.
 	WaitTimeout time.Duration
 }
 
@@ -240,6 +242,7 @@ type RedisStore struct {
 
 	waitReplicas int           // see RedisOptions.WaitReplicas
 	waitTimeout  time.Duration // see RedisOptions.WaitTimeout
+	readTimeout  time.Duration // the client's; bounds waitTimeout
 }
 
 var _ Store = (*RedisStore)(nil)
@@ -259,6 +262,7 @@ func NewRedis(opts RedisOptions) (*RedisStore, error) {
 	s.ownClient = true
 	s.waitReplicas = opts.WaitReplicas
 	s.waitTimeout = pickDuration(opts.WaitTimeout, 0, DefaultRedisWaitTimeout)
+	s.readTimeout = uo.ReadTimeout
 	return s, nil
 }
 

@@ -46,7 +46,7 @@ func StartSentinel(t testing.TB, masterName string, args ...string) *Sentinel {
 	// The sentinel finds replicas in the primary's INFO, which it reads at
 	// start and then every 10 s: start it once the replica is linked.
 	deadline := time.Now().Add(sentinelTimeout)
-	for !replicaLinked(replica.Addr(), primary.Addr()) {
+	for !replicaLinked(replica.Addr(), primary.Addr()) || !replicaAcks(primary.Addr()) {
 		if time.Now().After(deadline) {
 			t.Fatalf("testredis: replica %s did not sync with %s within %s", replica.Addr(), primary.Addr(), sentinelTimeout)
 		}
@@ -151,6 +151,23 @@ func (s *Sentinel) WaitReplica(addr string) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// replicaAcks reports whether a write to the primary at addr is
+// acknowledged by a replica within 100ms (Redis WAIT). Just after its first
+// sync a linked replica may not acknowledge anything for a while.
+func replicaAcks(addr string) bool {
+	rdb := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, DialTimeout: 500 * time.Millisecond})
+	defer rdb.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var wait *redis.Cmd
+	_, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.Set(ctx, "testredis:replication-probe", time.Now().UnixNano(), 0)
+		wait = p.Do(ctx, "WAIT", 1, 100)
+		return nil
+	})
+	return err == nil && wait.Val() == int64(1)
 }
 
 // replicaLinked reports whether the node at addr is a replica of primary
