@@ -11,6 +11,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
 func init() {
@@ -33,6 +35,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		store redis <url>... {
 //			namespace <prefix>
 //			retention <duration>
+//			wait_replicas <n> [<timeout>]
 //		}
 //		secret <placeholder>
 //		key_prefix <prefix>
@@ -69,6 +72,14 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // as {env.APIKEYS_SECRET} or {file./run/secrets/x}, resolved when the
 // config is provisioned, so no secret is written into the adapted JSON.
 // For the same reason a Redis URL may not hold a literal password.
+//
+// `store redis` takes one redis:// or rediss:// URL (standalone), several
+// (seed nodes of a Redis Cluster), or one Sentinel URL,
+// redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db],
+// which follows the primary the Sentinels name through failovers.
+// wait_replicas makes every write of a new key wait until n replicas
+// acknowledged it (Redis WAIT, at most timeout, default 1s), so a failover
+// cannot lose a key already answered with 201; use it with Sentinel.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if d.NextArg() {
@@ -215,6 +226,13 @@ func (h *Handler) unmarshalStore(d *caddyfile.Dispenser) error {
 			if err := durationArg(d, &h.Store.Retention); err != nil {
 				return err
 			}
+		case "wait_replicas":
+			if h.Store.Type != "redis" {
+				return d.Errf("wait_replicas is a store redis option")
+			}
+			if err := h.Store.unmarshalWaitReplicas(d); err != nil {
+				return err
+			}
 		default:
 			return d.Errf("unrecognized store %s option %q", h.Store.Type, d.Val())
 		}
@@ -227,6 +245,9 @@ func (h *Handler) unmarshalStore(d *caddyfile.Dispenser) error {
 func checkRedisURL(raw string) error {
 	if isPlaceholder(raw) {
 		return nil
+	}
+	if keystore.IsSentinelURL(raw) {
+		return checkSentinelURL(raw)
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
@@ -375,3 +396,41 @@ func durationArg(d *caddyfile.Dispenser, dst *caddy.Duration) error {
 
 // Interface guard.
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
+
+// unmarshalWaitReplicas reads `wait_replicas <n> [<timeout>]`.
+func (c *StoreConfig) unmarshalWaitReplicas(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) < 1 || len(args) > 2 {
+		return d.ArgErr()
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n < 0 {
+		return d.Errf("wait_replicas: %q is not a whole number of replicas", args[0])
+	}
+	c.WaitReplicas = n
+	if len(args) == 2 {
+		dur, err := caddy.ParseDuration(args[1])
+		if err != nil || dur <= 0 {
+			return d.Errf("wait_replicas: timeout %q is not a positive duration", args[1])
+		}
+		c.WaitTimeout = caddy.Duration(dur)
+	}
+	return nil
+}
+
+// checkSentinelURL refuses a Sentinel URL of another scheme or with a
+// literal password (in the user info or as sentinel_password).
+func checkSentinelURL(raw string) error {
+	scheme, rest, _ := strings.Cut(raw, "://")
+	if scheme != "redis+sentinel" {
+		return fmt.Errorf("store redis: Sentinel URL scheme must be redis+sentinel://, got %q", scheme)
+	}
+	authority, _, _ := strings.Cut(rest, "/")
+	userinfo, _, hasUser := strings.Cut(authority, "@")
+	_, query, _ := strings.Cut(rest, "?")
+	q, _ := url.ParseQuery(query)
+	if hasUser && strings.Contains(userinfo, ":") || q.Get("sentinel_password") != "" {
+		return fmt.Errorf("store redis: put URLs with a password in an environment variable and write {env.NAME}, so the password stays out of the adapted config")
+	}
+	return nil
+}

@@ -60,6 +60,12 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"flag with arg", "require_idempotency_key yes", "wrong argument count"},
 		{"identity option", "identity_headers {\n user X-User\n}", `unrecognized identity_headers option "user"`},
 		{"scopes empty", "scopes", "wrong argument count"},
+		{"sentinel password", "store redis redis+sentinel://:hunter2@127.0.0.1:26379/m", "environment variable"},
+		{"sentinel query password", "store redis redis+sentinel://127.0.0.1:26379/m?sentinel_password=hunter2", "environment variable"},
+		{"sentinel tls", "store redis rediss+sentinel://127.0.0.1:26379/m", "redis+sentinel://"},
+		{"wait_replicas word", "store redis redis://127.0.0.1 {\n wait_replicas one\n}", "not a whole number"},
+		{"wait_replicas timeout", "store redis redis://127.0.0.1 {\n wait_replicas 1 soon\n}", "not a positive duration"},
+		{"wait_replicas args", "store redis redis://127.0.0.1 {\n wait_replicas\n}", "wrong argument count"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -105,12 +105,39 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 }
 
 // stripIdentityHeaders removes client-sent copies of the identity headers.
-// It runs on every guarded request before anything else.
+// It runs on every guarded request before anything else. Names that differ
+// only in case or in '_' or '.' for '-' (X_Api_Key_Owner) go too: CGI,
+// FastCGI (php_fastcgi) and WSGI backends read them all as
+// HTTP_X_API_KEY_OWNER. (Caddy drops such names by default, but an
+// operator may allow them with expected_underscore_headers.)
 func (h *Handler) stripIdentityHeaders(r *http.Request) {
 	ids := h.IdentityHeaders
-	r.Header.Del(ids.ID)
-	r.Header.Del(ids.Owner)
-	r.Header.Del(ids.Scopes)
+	for name := range r.Header {
+		if sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes) {
+			delete(r.Header, name)
+		}
+	}
+}
+
+// sameHeaderLoosely reports whether header names a and b are equal when
+// case is ignored and '_' and '.' count as '-'.
+func sameHeaderLoosely(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		x, y := a[i], b[i]
+		if x == '_' || x == '.' {
+			x = '-'
+		}
+		if y == '_' || y == '.' {
+			y = '-'
+		}
+		if x|0x20 != y|0x20 || x != y && (x|0x20 < 'a' || x|0x20 > 'z') {
+			return false
+		}
+	}
+	return true
 }
 
 // allowed reports whether key may make request r. required lists the scopes

@@ -59,8 +59,10 @@ type gateway struct {
 	storePath string // the bbolt file, for the file store
 	jwtExtra  string // extra dashboard_jwt subdirectives
 	backend   *echoBackend
-	redis     *testredis.Server // nil for the file store
-	store     keystore.Store    // the very store the handler uses
+	redis     *testredis.Server   // nil for the file store
+	cluster   *testredis.Cluster  // the "cluster" kind's Redis Cluster
+	sentinel  *testredis.Sentinel // the "sentinel" kind's Sentinel deployment
+	store     keystore.Store      // the very store the handler uses
 	logDir    string
 	client    *http.Client
 }
@@ -69,8 +71,10 @@ type gateway struct {
 // for gateways started afterwards.
 var testStoreBlock string
 
-// storeKinds are the backends every contract test runs against.
-var storeKinds = []string{"file", "redis"}
+// storeKinds are the backends every contract test runs against. "cluster"
+// is a real three-primary Redis Cluster; "sentinel" (a primary, a replica
+// and a sentinel, wait_replicas 1) is started by the tests that need it.
+var storeKinds = []string{"file", "redis", "cluster"}
 
 // startGateway loads a Caddy config with the given store kind and extra
 // apikeys subdirectives, and stops it when the test ends.
@@ -84,6 +88,10 @@ func startGateway(t *testing.T, kind string, extra string, jwtExtra ...string) *
 	case "redis":
 		// Persist every write so tests that restart Redis keep the data.
 		g.redis = testredis.Start(t, "--appendonly", "yes", "--appendfsync", "always")
+	case "cluster":
+		g.cluster = testredis.StartCluster(t, "--appendonly", "yes", "--appendfsync", "always")
+	case "sentinel":
+		g.sentinel = testredis.StartSentinel(t, "apikeys-primary")
 	default:
 		t.Fatalf("unknown store kind %q", kind)
 	}
@@ -101,11 +109,20 @@ func startGateway(t *testing.T, kind string, extra string, jwtExtra ...string) *
 // load (re)loads the gateway's config with extra apikeys subdirectives.
 func (g *gateway) load(extra string) error {
 	storeLine := "store file " + g.storePath
-	if g.redis != nil {
+	switch {
+	case g.redis != nil:
 		storeLine = "store redis " + g.redis.URL()
+	case g.cluster != nil:
+		storeLine = "store redis " + strings.Join(g.cluster.URLs(), " ")
+	case g.sentinel != nil:
+		storeLine = "store redis " + g.sentinel.URL()
 	}
-	if testStoreBlock != "" {
-		storeLine += " {\n" + testStoreBlock + "\n}"
+	block := testStoreBlock
+	if g.sentinel != nil {
+		block += "\nwait_replicas 1 300ms"
+	}
+	if block != "" {
+		storeLine += " {\n" + block + "\n}"
 	}
 	cfg := fmt.Sprintf(`{
 	admin off

@@ -142,8 +142,9 @@ type StoreConfig struct {
 	// Default: `<caddy data dir>/apikeys/keys.db`.
 	Path string `json:"path,omitempty"`
 	// URLs of Redis, for Type "redis": one `redis://` or `rediss://` URL
-	// (user, password, DB number and TLS are read from it), or several seed
-	// URLs of a Redis Cluster. Placeholders such as `{env.REDIS_URL}` are
+	// (user, password, DB number and TLS are read from it), several seed
+	// URLs of a Redis Cluster, or one Sentinel URL
+	// `redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db]`. Placeholders such as `{env.REDIS_URL}` are
 	// resolved at provision time; keep passwords out of the config that way.
 	URLs []string `json:"urls,omitempty"`
 	// Namespace prefixes every Redis key. Default: "apikeys".
@@ -151,6 +152,14 @@ type StoreConfig struct {
 	// Retention is how long revoked and expired keys stay in the store
 	// (and in listings) after they stop validating. Default: 30 days.
 	Retention caddy.Duration `json:"retention,omitempty"`
+	// WaitReplicas, for Type "redis", makes each write of a new key wait
+	// (Redis WAIT) until that many replicas acknowledged it, and answers
+	// 503 otherwise, so that a failover cannot lose a key already answered
+	// with 201. Default: 0 (no wait). Set it to 1 or more with Sentinel.
+	WaitReplicas int `json:"wait_replicas,omitempty"`
+	// WaitTimeout bounds each such wait (and never exceeds store_timeout).
+	// Default: 1s.
+	WaitTimeout caddy.Duration `json:"wait_timeout,omitempty"`
 }
 
 // IdentityHeaders names the headers set on requests that pass the guard.

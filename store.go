@@ -82,9 +82,10 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystor
 			}
 		}
 		// The pool key holds credentials; it never leaves this process.
-		key := "redis:" + cfg.Namespace + "|" + strings.Join(urls, "|")
+		key := fmt.Sprintf("redis:%s|%d|%d|%d|%s", cfg.Namespace, cfg.Retention, cfg.WaitReplicas, cfg.WaitTimeout, strings.Join(urls, "|"))
 		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
-			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace, Retention: time.Duration(cfg.Retention)})
+			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace, Retention: time.Duration(cfg.Retention),
+				WaitReplicas: cfg.WaitReplicas, WaitTimeout: time.Duration(cfg.WaitTimeout)})
 			if err != nil {
 				return nil, err
 			}

@@ -73,7 +73,11 @@ func runConformance(t *testing.T, b backend) {
 			tc.run(t, b.newStore(t))
 		})
 	}
-	// Tests that need more than a default store.
+	// Tests that need more than a default store; backends that only check
+	// a deployment (ACLs, Sentinel) leave these hooks out.
+	if b.newRetentionStore == nil || b.open == nil {
+		return
+	}
 	for _, tc := range []struct {
 		name string
 		run  func(t *testing.T, b backend)
@@ -352,6 +356,9 @@ func testCreateRejectsInvalid(t *testing.T, s Store) {
 		"no owner":   func(k *Key) *Key { k.Owner = ""; return k },
 		"no digest":  func(k *Key) *Key { k.Digest = Digest{}; return k },
 		"no created": func(k *Key) *Key { k.CreatedAt = time.Time{}; return k },
+		// Found by FuzzIndexMember: the owner index cannot represent it,
+		// and Create used to panic on it.
+		"created after year 318857": func(k *Key) *Key { k.CreatedAt = time.UnixMilli(1 << 62); return k },
 	}
 	for name, mutate := range cases {
 		k := *base

@@ -31,6 +31,9 @@ var ErrInvalidCursor = errors.New("keystore: invalid list cursor")
 // covers every time from 1970 to the year 318857.
 const msDigits = 16
 
+// maxIndexMillis is the first UnixMilli that needs more than msDigits.
+const maxIndexMillis = 1e16
+
 // ownerHash returns the hex SHA-256 of owner. Index entries are keyed by it
 // so that any owner string (an email, a URL) makes a well-formed store key.
 func ownerHash(owner string) string {
@@ -93,6 +96,9 @@ func validateKey(k *Key) error {
 		return errors.New("keystore: key has no digest")
 	case k.CreatedAt.UnixMilli() < 0:
 		return errors.New("keystore: key creation time is before 1970 or unset")
+	case k.CreatedAt.UnixMilli() >= maxIndexMillis:
+		// indexMember would overflow its fixed width (and used to panic).
+		return errors.New("keystore: key creation time is after the year 318857")
 	}
 	return nil
 }

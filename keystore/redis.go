@@ -66,6 +66,14 @@ type RedisOptions struct {
 	// (redis://user:pass@host:6379/0?pool_size=20). One URL connects to a
 	// standalone server; several URLs are seed nodes of a Redis Cluster
 	// (database 0 only; query options are taken from the first URL).
+	//
+	// A single URL of the form
+	// redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db]
+	// connects to the primary that the listed Sentinels (port default
+	// 26379) name for master-name, and follows failovers. user and pass
+	// authenticate to the primary and replicas; the query options
+	// sentinel_username and sentinel_password, to the Sentinels; other
+	// query options are those of redis:// URLs.
 	URLs []string
 	// Namespace prefixes every Redis key; default "apikeys"
 	// ([DefaultRedisNamespace]).
@@ -88,11 +96,24 @@ type RedisOptions struct {
 	// 30 days ([DefaultRetention]); zero means the default, negative is
 	// invalid.
 	Retention time.Duration
+	// WaitReplicas, when above 0, makes each write of Create wait (Redis
+	// WAIT) until that many replicas of its primary acknowledged it, and
+	// fail otherwise; default 0 (no wait). With Sentinel, or a Cluster with
+	// replicas, set it to 1 or more: replication is asynchronous, so
+	// without it a key written to a primary just before a failover can be
+	// lost, or half-written, though Create returned nil.
+	WaitReplicas int
+	// WaitTimeout bounds each such wait; default 1s
+	// ([DefaultRedisWaitTimeout]). It is cut to 3/4 of the time left before
+	// the read deadline (the caller's, or ReadTimeout), so the reply of a
+	// wait that timed out still arrives.
+	WaitTimeout time.Duration
 }
 
 // ParseRedisOptions turns opts into go-redis client options. One URL gives
 // options for a standalone client; several give Cluster seed nodes, which
-// must agree on TLS and credentials. Beyond what the URLs say it sets:
+// must agree on TLS and credentials; one redis+sentinel:// URL gives options
+// for a Sentinel-managed primary (see [RedisOptions.URLs]). Beyond what the URLs say it sets:
 // the timeouts (see [RedisOptions]), DefaultRedisMaxRetries unless the URL
 // sets max_retries, a single dial attempt per connection (so an unreachable
 // server fails within about DialTimeout), and ContextTimeoutEnabled, so a
@@ -102,6 +123,13 @@ type RedisOptions struct {
 func ParseRedisOptions(opts RedisOptions) (*redis.UniversalOptions, error) {
 	if len(opts.URLs) == 0 {
 		return nil, errors.New("keystore: no Redis URL given")
+	}
+	if hasSentinelURL(opts.URLs) {
+		uo, err := parseSentinelURLs(opts.URLs)
+		if err != nil {
+			return nil, err
+		}
+		return finishRedisOptions(opts, uo), nil
 	}
 	var (
 		uo       *redis.UniversalOptions
@@ -145,12 +173,17 @@ func ParseRedisOptions(opts RedisOptions) (*redis.UniversalOptions, error) {
 		uo.DB = 0
 	}
 
+	return finishRedisOptions(opts, uo), nil
+}
+
+// finishRedisOptions sets what ParseRedisOptions sets beyond the URLs.
+func finishRedisOptions(opts RedisOptions, uo *redis.UniversalOptions) *redis.UniversalOptions {
 	uo.DialTimeout = pickDuration(opts.DialTimeout, uo.DialTimeout, DefaultRedisDialTimeout)
 	uo.ReadTimeout = pickDuration(opts.ReadTimeout, uo.ReadTimeout, DefaultRedisReadTimeout)
 	uo.WriteTimeout = pickDuration(opts.WriteTimeout, uo.WriteTimeout, DefaultRedisWriteTimeout)
 	uo.DialerRetries = 1
 	uo.ContextTimeoutEnabled = true
-	return uo, nil
+	return uo
 }
 
 // parseRedisURL parses the i-th configured URL with go-redis, without ever
@@ -226,6 +259,10 @@ type RedisStore struct {
 	ns        string
 	retention time.Duration
 	ownClient bool // Close closes c only if NewRedis created it
+
+	waitReplicas int           // see RedisOptions.WaitReplicas
+	waitTimeout  time.Duration // see RedisOptions.WaitTimeout
+	readTimeout  time.Duration // the client's; bounds waitTimeout
 }
 
 var _ Store = (*RedisStore)(nil)
@@ -242,9 +279,15 @@ func NewRedis(opts RedisOptions) (*RedisStore, error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.WaitReplicas < 0 {
+		return nil, fmt.Errorf("keystore: WaitReplicas must not be negative, got %d", opts.WaitReplicas)
+	}
 	s := NewRedisFromClient(redis.NewUniversalClient(uo), opts.Namespace)
 	s.ownClient = true
 	s.retention = retention
+	s.waitReplicas = opts.WaitReplicas
+	s.waitTimeout = pickDuration(opts.WaitTimeout, 0, DefaultRedisWaitTimeout)
+	s.readTimeout = uo.ReadTimeout
 	return s, nil
 }
 
@@ -301,7 +344,7 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	expireAt := s.expireAt(k) // a key created with an end expires from birth
 
 	// 1. Claim the ID for this digest.
-	claimed, err := setNX(ctx, s.c, s.idKey(k.ID), digestHex, expireAt)
+	claimed, err := s.setNX(ctx, s.idKey(k.ID), digestHex, expireAt)
 	if err != nil {
 		return fmt.Errorf("keystore: redis create key (id): %w", err)
 	}
@@ -319,12 +362,14 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	}
 
 	// 2. List it under its owner. Until step 3 the entry is skipped by List.
-	if err := s.c.ZAdd(ctx, s.ownerKey(k.Owner), redis.Z{Member: indexMember(k)}).Err(); err != nil {
+	if err := s.write(ctx, s.ownerKey(k.Owner), func(p redis.Cmdable) redis.Cmder {
+		return p.ZAdd(ctx, s.ownerKey(k.Owner), redis.Z{Member: indexMember(k)})
+	}); err != nil {
 		return fmt.Errorf("keystore: redis create key (owner index): %w", err)
 	}
 
 	// 3. Publish the record: from here on the key validates.
-	stored, err := setNX(ctx, s.c, s.digestKey(digestHex), record, expireAt)
+	stored, err := s.setNX(ctx, s.digestKey(digestHex), record, expireAt)
 	if err != nil {
 		return fmt.Errorf("keystore: redis create key (record): %w", err)
 	}
@@ -338,16 +383,6 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 		}
 	}
 	return nil
-}
-
-// setNX sets key to value if it does not exist, expiring at expireAt (unix
-// ms; 0 means never), and reports whether it did.
-func setNX(ctx context.Context, c redis.Cmdable, key string, value any, expireAt int64) (bool, error) {
-	err := c.SetArgs(ctx, key, value, expireArgs("NX", expireAt)).Err()
-	if errors.Is(err, redis.Nil) {
-		return false, nil
-	}
-	return err == nil, err
 }
 
 // getRecord reads and decodes the record at <ns>:digest:<digestHex>.

@@ -67,7 +67,7 @@ func TestRedisConformance(t *testing.T) {
 // where the keys of one API key live in different hash slots: every command
 // must touch a single key (or be a pipeline the client splits by node).
 func TestRedisClusterConformance(t *testing.T) {
-	cluster := testredis.StartCluster(t, 3)
+	cluster := testredis.StartCluster(t)
 	open := func(t *testing.T, retention time.Duration) (*RedisStore, error) {
 		s, err := NewRedis(RedisOptions{
 			URLs:      cluster.URLs(),
@@ -782,11 +782,19 @@ func (h *failNth) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // completes the key.
 func TestRedisCreateInterruptedAtEachStep(t *testing.T) {
 	srv := testredis.Start(t)
+	testCreateInterruptedAtEachStep(t, func() redis.UniversalClient {
+		return redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	})
+}
+
+// testCreateInterruptedAtEachStep is TestRedisCreateInterruptedAtEachStep
+// on clients from newClient (standalone or cluster).
+func testCreateInterruptedAtEachStep(t *testing.T, newClient func() redis.UniversalClient) {
 	for step := range 3 {
 		for _, after := range []bool{false, true} {
 			t.Run(fmt.Sprintf("step%d/after=%v", step+1, after), func(t *testing.T) {
 				ctx := ctxT(t)
-				rdb := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+				rdb := newClient()
 				defer rdb.Close()
 				hook := &failNth{n: step, after: after}
 				rdb.AddHook(hook)

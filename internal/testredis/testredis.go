@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -36,6 +37,7 @@ type Server struct {
 	bin  string
 	port int
 	dir  string
+	conf string // config file given before the flags, or ""
 	args []string
 
 	mu   sync.Mutex
@@ -57,11 +59,18 @@ type process struct {
 // not on PATH or does not come up within 5 seconds.
 func Start(t testing.TB, args ...string) *Server {
 	t.Helper()
+	return startServer(t, t.TempDir(), "", args)
+}
+
+// startServer is Start with a working directory and an optional config
+// file (read before the command-line flags).
+func startServer(t testing.TB, dir, conf string, args []string) *Server {
+	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		t.Fatalf("testredis: redis-server not found on PATH (%v); these tests need a local Redis, e.g. `apt-get install redis-server`", err)
 	}
-	s := &Server{t: t, bin: bin, dir: t.TempDir(), args: args}
+	s := &Server{t: t, bin: bin, dir: dir, conf: conf, args: args}
 	t.Cleanup(s.Stop)
 
 	// A port picked by the kernel may be taken again before redis-server
@@ -99,14 +108,18 @@ func (s *Server) start() error {
 		return errors.New("redis-server is already running")
 	}
 
-	argv := []string{
+	var argv []string
+	if s.conf != "" {
+		argv = append(argv, s.conf)
+	}
+	argv = append(argv,
 		"--port", strconv.Itoa(s.port),
 		"--bind", "127.0.0.1",
 		"--save", "",
 		"--appendonly", "no",
 		"--protected-mode", "no",
 		"--dir", s.dir,
-	}
+	)
 	argv = append(argv, s.args...)
 	cmd := exec.Command(s.bin, argv...)
 	cmd.Dir = s.dir
@@ -188,9 +201,21 @@ func (s *Server) URL() string {
 	return "redis://" + s.Addr() + "/0"
 }
 
-// Stop kills the server and waits for it to exit. Stopping a stopped server
-// does nothing. The port stays reserved for Restart only in the sense that
-// Restart uses it again; another process could take it meanwhile.
+// Port returns the server's TCP port.
+func (s *Server) Port() int { return s.port }
+
+// Running reports whether the server process is up (started and not
+// stopped).
+func (s *Server) Running() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.proc != nil
+}
+
+// Stop kills the server (SIGKILL, as a crash would) and waits for it to
+// exit. Stopping a stopped server does nothing. The port stays reserved for
+// Restart only in the sense that Restart uses it again; another process
+// could take it meanwhile.
 func (s *Server) Stop() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -203,8 +228,10 @@ func (s *Server) Stop() {
 }
 
 // Restart stops the server if it is running and starts a fresh one on the
-// same port (with no data: persistence is off). It calls t.Fatalf if the
-// server does not come back. Call it from the test's goroutine.
+// same port, in the same directory, with the same arguments (so with no
+// data unless Start enabled persistence, e.g. "--appendonly", "yes"). It
+// calls t.Fatalf if the server does not come back. Call it from the test's
+// goroutine.
 func (s *Server) Restart() {
 	s.t.Helper()
 	s.Stop()
@@ -250,4 +277,30 @@ func (b *lockedBuffer) tail() string {
 		out = out[len(out)-max:]
 	}
 	return string(out)
+}
+
+// Pause stops the server process with SIGSTOP: it keeps its port and
+// connections but answers nothing, like a hung or partitioned server.
+// Resume continues it; the test's cleanup resumes it before killing it.
+func (s *Server) Pause() {
+	s.t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		s.t.Fatal("testredis: Pause of a stopped server")
+	}
+	if err := s.proc.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		s.t.Fatalf("testredis: pause: %v", err)
+	}
+	s.t.Cleanup(s.Resume)
+}
+
+// Resume continues a paused server (SIGCONT). Resuming a running or stopped
+// server does nothing.
+func (s *Server) Resume() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc != nil {
+		_ = s.proc.cmd.Process.Signal(syscall.SIGCONT)
+	}
 }

@@ -2,12 +2,9 @@ package testredis
 
 import (
 	"context"
-	"fmt"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
 func TestStartStopRestart(t *testing.T) {
@@ -58,24 +55,18 @@ func TestTwoServers(t *testing.T) {
 	}
 }
 
-func TestCluster(t *testing.T) {
-	c := StartCluster(t, 3)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	rdb := redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{c.Nodes[0].Addr()}})
-	defer rdb.Close()
-	// Keys spread over every node.
-	for i := range 100 {
-		if err := rdb.Set(ctx, fmt.Sprintf("k%d", i), i, 0).Err(); err != nil {
-			t.Fatal(err)
-		}
+func TestPauseResume(t *testing.T) {
+	srv := Start(t)
+	srv.Pause()
+	start := time.Now()
+	if err := ping(srv.Addr()); err == nil {
+		t.Fatal("a paused server answered PING")
 	}
-	for _, node := range c.Nodes {
-		if n := node.Client(t).DBSize(ctx).Val(); n == 0 {
-			t.Errorf("node %s holds no keys", node.Addr())
-		}
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Errorf("PING failed after %s: the paused server should hang, not refuse", d)
 	}
-	if len(c.URLs()) != 3 || !strings.HasPrefix(c.URLs()[0], "redis://127.0.0.1:") {
-		t.Errorf("URLs %v", c.URLs())
+	srv.Resume()
+	if err := ping(srv.Addr()); err != nil {
+		t.Fatalf("PING after Resume: %v", err)
 	}
 }
