@@ -612,6 +612,15 @@ func (c *CachedStore) markDown(err error) {
 	}
 }
 
+// observe reports a call of the underlying store; a call that worked also
+// ends an outage at once, without waiting for the probe.
+func (c *CachedStore) observe(op string, start time.Time, err error) {
+	c.obs.StoreCall(op, time.Since(start), err)
+	if err == nil || errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) {
+		c.markUp()
+	}
+}
+
 // markUp records that the store answered.
 func (c *CachedStore) markUp() {
 	if c.down.Load() && c.down.CompareAndSwap(true, false) {
@@ -722,7 +731,7 @@ func (c *CachedStore) Create(ctx context.Context, k *Key) error {
 	loadedAt := c.now().UnixNano()
 	gen := c.gen.Load()
 	err := c.inner.Create(ctx, k)
-	c.obs.StoreCall("create", time.Since(start), err)
+	c.observe("create", start, err)
 	if err != nil {
 		return err
 	}
@@ -740,7 +749,7 @@ func (c *CachedStore) Create(ctx context.Context, k *Key) error {
 func (c *CachedStore) Revoke(ctx context.Context, id string, at time.Time) (*Key, error) {
 	start := time.Now()
 	k, err := c.inner.Revoke(ctx, id, at)
-	c.obs.StoreCall("revoke", time.Since(start), err)
+	c.observe("revoke", start, err)
 	if err != nil {
 		return nil, err
 	}
@@ -759,7 +768,7 @@ func (c *CachedStore) Update(ctx context.Context, id string, fn func(*Key) error
 		wasRevoked = k.RevokedAt != nil
 		return fn(k)
 	})
-	c.obs.StoreCall("update", time.Since(start), err)
+	c.observe("update", start, err)
 	if err != nil {
 		return nil, err
 	}
@@ -774,7 +783,7 @@ func (c *CachedStore) Update(ctx context.Context, id string, fn func(*Key) error
 func (c *CachedStore) Get(ctx context.Context, id string) (*Key, error) {
 	start := time.Now()
 	k, err := c.inner.Get(ctx, id)
-	c.obs.StoreCall("get", time.Since(start), err)
+	c.observe("get", start, err)
 	return k, err
 }
 
@@ -782,7 +791,7 @@ func (c *CachedStore) Get(ctx context.Context, id string) (*Key, error) {
 func (c *CachedStore) List(ctx context.Context, owner, cursor string, limit int) ([]*Key, string, error) {
 	start := time.Now()
 	keys, next, err := c.inner.List(ctx, owner, cursor, limit)
-	c.obs.StoreCall("list", time.Since(start), err)
+	c.observe("list", start, err)
 	return keys, next, err
 }
 
@@ -790,7 +799,7 @@ func (c *CachedStore) List(ctx context.Context, owner, cursor string, limit int)
 func (c *CachedStore) RecordUsage(ctx context.Context, used map[string]time.Time) error {
 	start := time.Now()
 	err := c.inner.RecordUsage(ctx, used)
-	c.obs.StoreCall("record_usage", time.Since(start), err)
+	c.observe("record_usage", start, err)
 	return err
 }
 
@@ -798,7 +807,7 @@ func (c *CachedStore) RecordUsage(ctx context.Context, used map[string]time.Time
 func (c *CachedStore) CountOwner(ctx context.Context, owner string) (int, error) {
 	start := time.Now()
 	n, err := c.inner.CountOwner(ctx, owner)
-	c.obs.StoreCall("count_owner", time.Since(start), err)
+	c.observe("count_owner", start, err)
 	return n, err
 }
 
@@ -806,7 +815,7 @@ func (c *CachedStore) CountOwner(ctx context.Context, owner string) (int, error)
 func (c *CachedStore) ReserveIdempotency(ctx context.Context, id string, rec *IdempotencyRecord, ttl time.Duration) (*IdempotencyRecord, error) {
 	start := time.Now()
 	got, err := c.inner.ReserveIdempotency(ctx, id, rec, ttl)
-	c.obs.StoreCall("reserve_idempotency", time.Since(start), err)
+	c.observe("reserve_idempotency", start, err)
 	return got, err
 }
 
@@ -814,7 +823,7 @@ func (c *CachedStore) ReserveIdempotency(ctx context.Context, id string, rec *Id
 func (c *CachedStore) GetIdempotency(ctx context.Context, id string) (*IdempotencyRecord, error) {
 	start := time.Now()
 	rec, err := c.inner.GetIdempotency(ctx, id)
-	c.obs.StoreCall("get_idempotency", time.Since(start), err)
+	c.observe("get_idempotency", start, err)
 	return rec, err
 }
 
@@ -822,7 +831,7 @@ func (c *CachedStore) GetIdempotency(ctx context.Context, id string) (*Idempoten
 func (c *CachedStore) ReplaceIdempotency(ctx context.Context, id, token string, rec *IdempotencyRecord, ttl time.Duration) error {
 	start := time.Now()
 	err := c.inner.ReplaceIdempotency(ctx, id, token, rec, ttl)
-	c.obs.StoreCall("replace_idempotency", time.Since(start), err)
+	c.observe("replace_idempotency", start, err)
 	return err
 }
 
@@ -830,7 +839,7 @@ func (c *CachedStore) ReplaceIdempotency(ctx context.Context, id, token string, 
 func (c *CachedStore) DeleteIdempotency(ctx context.Context, id, token string) error {
 	start := time.Now()
 	err := c.inner.DeleteIdempotency(ctx, id, token)
-	c.obs.StoreCall("delete_idempotency", time.Since(start), err)
+	c.observe("delete_idempotency", start, err)
 	return err
 }
 
