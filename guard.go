@@ -60,27 +60,37 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if !ok {
 		return h.unauthorized(w, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.")
 	}
-	if keystore.Check(h.KeyPrefix, token) != nil {
-		// Malformed, a JWT or a typo: refused without a store lookup.
+	if len(token) != keystore.KeyLen(h.KeyPrefix) || !strings.HasPrefix(token, h.KeyPrefix) {
+		// Not an API key (a JWT, say) or truncated.
 		return h.unauthorized(w, "invalid_api_key", "The API key is malformed or invalid.")
 	}
 	digest := h.hasher.Digest(token)
 
-	// From the cache; a miss reads the store, bounded by store_timeout.
-	key, prepared, err := h.cache.Lookup(r.Context(), digest)
-	switch {
-	case errors.Is(err, keystore.ErrNotFound):
-		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
-	case err != nil:
-		// An outage the cache knows of is logged once, by the cache.
-		level := zapcore.ErrorLevel
-		if errors.Is(err, keystore.ErrUnavailable) {
-			level = zapcore.DebugLevel
+	// A record in the cache proves the key was minted: the full check of
+	// its characters and checksum is only needed before other lookups.
+	key, prepared, cached := h.cache.Peek(digest)
+	if !cached {
+		if keystore.Check(h.KeyPrefix, token) != nil {
+			// Malformed or a typo: refused without a store lookup.
+			return h.unauthorized(w, "invalid_api_key", "The API key is malformed or invalid.")
 		}
-		if c := h.logger.Check(level, "key store lookup failed"); c != nil {
-			c.Write(zap.Error(err))
+		// A miss reads the store, bounded by store_timeout.
+		var err error
+		key, prepared, err = h.cache.Lookup(r.Context(), digest)
+		switch {
+		case errors.Is(err, keystore.ErrNotFound):
+			return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
+		case err != nil:
+			// An outage the cache knows of is logged once, by the cache.
+			level := zapcore.ErrorLevel
+			if errors.Is(err, keystore.ErrUnavailable) {
+				level = zapcore.DebugLevel
+			}
+			if c := h.logger.Check(level, "key store lookup failed"); c != nil {
+				c.Write(zap.Error(err))
+			}
+			return writeError(w, errStoreUnavailable)
 		}
-		return writeError(w, errStoreUnavailable)
 	}
 	if !key.Digest.Equal(digest) || !key.Active(h.now()) {
 		h.debug("api key refused: revoked or expired", key)
@@ -98,7 +108,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		id = newKeyIdentity(key)
 	}
 	hdr := r.Header
-	hdr.Del("Authorization")
+	delete(hdr, "Authorization") // keys of a parsed request are canonical
 	ids := h.IdentityHeaders
 	// One allocation for the three values; each header gets a slice of
 	// its own capacity, so an append to one cannot touch another.
@@ -133,12 +143,15 @@ func newKeyIdentity(k *keystore.Key) *keyIdentity {
 func prepareIdentity(k *keystore.Key) any { return newKeyIdentity(k) }
 
 // stripIdentityHeaders removes client-sent copies of the identity headers.
-// It runs on every guarded request before anything else.
+// It runs on every guarded request before anything else. Header keys of a
+// parsed request and the configured names (see applyDefaults) are both
+// canonical, so plain deletes do what Header.Del does without
+// canonicalizing the names again on every request.
 func (h *Handler) stripIdentityHeaders(r *http.Request) {
 	ids := h.IdentityHeaders
-	r.Header.Del(ids.ID)
-	r.Header.Del(ids.Owner)
-	r.Header.Del(ids.Scopes)
+	delete(r.Header, ids.ID)
+	delete(r.Header, ids.Owner)
+	delete(r.Header, ids.Scopes)
 }
 
 // allowed reports whether key may make request r. required lists the scopes

@@ -200,6 +200,18 @@ func TestCacheHitMissNegative(t *testing.T) {
 		t.Errorf("negative hits: %v", f.obs.lookups)
 	}
 
+	// Peek answers from the cache alone.
+	if got, _, ok := f.cache.Peek(k.Digest); !ok || got.ID != k.ID {
+		t.Errorf("Peek(cached) = %v, %v", got, ok)
+	}
+	if _, _, ok := f.cache.Peek(unknown); ok {
+		t.Error("Peek found an unknown digest")
+	}
+	f.clock.Advance(DefaultCacheTTL)
+	if _, _, ok := f.cache.Peek(k.Digest); ok {
+		t.Error("Peek served a record older than TTL")
+	}
+
 	// ByDigest hands out copies.
 	a, _ := f.cache.ByDigest(context.Background(), k.Digest)
 	a.Scopes[0] = "mutated"

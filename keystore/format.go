@@ -123,6 +123,9 @@ func Check(prefix, raw string) error {
 	return nil
 }
 
+// KeyLen returns the length of the keys minted with prefix.
+func KeyLen(prefix string) int { return len(prefix) + bodyLen }
+
 // DisplayPrefix returns the displayable start of raw: its first
 // len(prefix)+8 characters, e.g. "wbk_ce03e701". It is safe to show and log;
 // it does not reveal enough of the key to use it. A raw value shorter than
