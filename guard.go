@@ -58,10 +58,12 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	h.stripIdentityHeaders(r)
 	token, ok := bearerToken(r)
 	if !ok {
+		validationNoKey.Inc()
 		return h.unauthorized(w, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.")
 	}
 	if len(token) != keystore.KeyLen(h.KeyPrefix) || !strings.HasPrefix(token, h.KeyPrefix) {
 		// Not an API key (a JWT, say) or truncated.
+		validationMalformed.Inc()
 		return h.unauthorized(w, "invalid_api_key", "The API key is malformed or invalid.")
 	}
 	digest := h.hasher.Digest(token)
@@ -72,6 +74,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if !cached {
 		if keystore.Check(h.KeyPrefix, token) != nil {
 			// Malformed or a typo: refused without a store lookup.
+			validationMalformed.Inc()
 			return h.unauthorized(w, "invalid_api_key", "The API key is malformed or invalid.")
 		}
 		// A miss reads the store, bounded by store_timeout.
@@ -79,6 +82,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		key, prepared, err = h.cache.Lookup(r.Context(), digest)
 		switch {
 		case errors.Is(err, keystore.ErrNotFound):
+			validationUnknown.Inc()
 			return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
 		case err != nil:
 			// An outage the cache knows of is logged once, by the cache.
@@ -89,14 +93,24 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			if c := h.logger.Check(level, "key store lookup failed"); c != nil {
 				c.Write(zap.Error(err))
 			}
+			validationStoreUnavailable.Inc()
 			return writeError(w, errStoreUnavailable)
 		}
 	}
-	if !key.Digest.Equal(digest) || !key.Active(h.now()) {
+	if now := h.now(); !key.Digest.Equal(digest) || !key.Active(now) {
+		switch {
+		case !key.Digest.Equal(digest):
+			validationUnknown.Inc()
+		case key.Status(now) == keystore.StatusRevoked:
+			validationRevoked.Inc()
+		default:
+			validationExpired.Inc()
+		}
 		h.debug("api key refused: revoked or expired", key)
 		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
 	}
 	if required, ok := h.allowed(key, r); !ok {
+		validationInsufficientScope.Inc()
 		h.debug("api key refused: insufficient scope", key)
 		return h.insufficientScope(w, required)
 	}
@@ -122,6 +136,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		repl.Set("http.auth.apikey.id", id.id)
 		repl.Set("http.auth.apikey.scopes", id.scopesValue)
 	}
+	validationAccepted.Inc()
 	h.debug("api key accepted", key)
 	return next.ServeHTTP(w, r)
 }

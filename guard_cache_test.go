@@ -10,6 +10,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
@@ -66,11 +67,16 @@ func (g *gateway) rawKey(s keystore.Store) (raw, id string) {
 // start after that).
 func (g *gateway) waitSubscribed() {
 	g.t.Helper()
-	rdb := g.redis.Client(g.t)
+	waitCacheSubscribed(g.t, g.redis)
+}
+
+func waitCacheSubscribed(t *testing.T, srv *testredis.Server) {
+	t.Helper()
+	rdb := srv.Client(t)
 	deadline := time.Now().Add(5 * time.Second)
 	for rdb.PubSubNumSub(context.Background(), "apikeys:invalidate").Val()["apikeys:invalidate"] < 1 {
 		if time.Now().After(deadline) {
-			g.t.Fatal("the cache did not subscribe to apikeys:invalidate")
+			t.Fatal("the cache did not subscribe to apikeys:invalidate")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

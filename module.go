@@ -208,6 +208,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.compileScopes(ctx); err != nil {
 		return err
 	}
+	if reg := ctx.GetMetricsRegistry(); reg != nil {
+		if err := registerMetrics(reg); err != nil {
+			return fmt.Errorf("apikeys: metrics: %w", err)
+		}
+	}
 
 	storeCfg := h.Store
 	if storeCfg == nil {
