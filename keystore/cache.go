@@ -7,10 +7,16 @@ package keystore
 // A lookup then takes one of these paths:
 //
 //	age < Refresh            hit: served as is
-//	Refresh <= age < TTL     stale: served as is; a background loop re-reads
-//	                         entries that are in use in batches (one MGET for
-//	                         up to 256 keys on Redis), so a hot key never
-//	                         waits for the store
+//	Refresh <= age < TTL     stale: served as is, until the background loop
+//	                         re-reads it
+//
+// The background loop re-reads every record used in the last WarmFor (5
+// minutes) once it is Refresh old, in batches (one MGET for up to 256 keys
+// on Redis). So a key in use, even one used once a minute, is always
+// answered from the cache, and the store sees a handful of commands per
+// second however many requests there are; and such a key keeps working
+// through a store outage (its record was read moments before).
+//
 //	age >= TTL               re-read from the store before it is served (one
 //	                         read per digest, however many requests wait)
 //	not cached               read from the store (one read per digest); an
@@ -66,6 +72,12 @@ const (
 	maxRefreshTick = time.Second
 	// probeInterval is how often an unreachable store is pinged.
 	probeInterval = 250 * time.Millisecond
+	// WarmFor is how long after its last use a record keeps being re-read
+	// in the background; after that it is left to expire.
+	WarmFor = 5 * time.Minute
+	// usedResolution is how precisely a record's last use is recorded: a
+	// hit writes the time only if the recorded one is older than this.
+	usedResolution = int64(time.Second)
 )
 
 // coarseResolution is how often the shared coarse clock reads the time.
@@ -96,10 +108,10 @@ type CacheOptions struct {
 	// ([DefaultCacheTTL]). It bounds staleness when an invalidation message
 	// is lost.
 	TTL time.Duration
-	// Refresh is the age at which a record that has been used since it was
-	// read is re-read in the background (stale-while-revalidate); default
-	// 5s ([DefaultCacheRefresh]) or TTL/2, whichever is less. It must be
-	// less than TTL.
+	// Refresh is the age at which a record used in the last WarmFor is
+	// re-read in the background (stale-while-revalidate); default 5s
+	// ([DefaultCacheRefresh]) or TTL/2, whichever is less. It must be less
+	// than TTL.
 	Refresh time.Duration
 	// OutageWindow is how long after it was last read from the store a
 	// record keeps being served while the store is unreachable; default 5m
@@ -239,7 +251,7 @@ type cacheEntry struct {
 	prepared any
 	loadedAt int64  // unix nanoseconds when the store read started
 	gen      uint64 // the flush generation it was read in
-	used     atomic.Bool
+	lastUsed atomic.Int64 // unix nanoseconds, to usedResolution; 0: never
 }
 
 // negEntry remembers that a digest was not in the store.
@@ -426,7 +438,7 @@ func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*Key, any, error) {
 // Peek returns the record with digest d and its prepared value if the
 // cache can serve it as it is (a hit, or a stale record being refreshed),
 // without reading the store; ok is false otherwise. It counts as a lookup
-// (marks the record as used, reports a hit) when it finds one. The record
+// (records the use, reports a hit) when it finds one. The record
 // and the prepared value are shared: the caller must not modify them.
 func (c *CachedStore) Peek(d Digest) (k *Key, prepared any, ok bool) {
 	if c.disabled.Load() {
@@ -440,13 +452,13 @@ func (c *CachedStore) Peek(d Digest) (k *Key, prepared any, ok bool) {
 }
 
 // servable reports whether e may be served without reading the store, and
-// if so marks it used and counts the lookup.
+// if so records the use and counts the lookup.
 func (c *CachedStore) servable(e *cacheEntry, now int64, gen uint64) bool {
 	if e.gen != gen {
 		return false
 	}
-	if !e.used.Load() {
-		e.used.Store(true)
+	if now-e.lastUsed.Load() >= usedResolution {
+		e.lastUsed.Store(now)
 	}
 	age := now - e.loadedAt
 	if age < c.refresh.Load() {
@@ -524,7 +536,9 @@ func (c *CachedStore) load(ctx context.Context, d Digest) (*cacheEntry, error) {
 	case err == nil:
 		c.markUp()
 		c.neg.Invalidate(d)
-		return c.newEntry(k, loadedAt, gen), nil
+		e := c.newEntry(k, loadedAt, gen)
+		e.lastUsed.Store(loadedAt) // read for a request
+		return e, nil
 	case errors.Is(err, ErrNotFound):
 		c.markUp()
 		// Not remembered if an invalidation (such as the key's creation)
@@ -547,8 +561,8 @@ func (c *CachedStore) newEntry(k *Key, loadedAt int64, gen uint64) *cacheEntry {
 	return e
 }
 
-// refreshLoop re-reads, in batches, the records that have been used since
-// they were read and are older than Refresh, until Close.
+// refreshLoop re-reads, in batches, the records used in the last WarmFor
+// that are older than Refresh, until Close.
 func (c *CachedStore) refreshLoop() {
 	defer c.wg.Done()
 	t := time.NewTimer(0)
@@ -574,7 +588,7 @@ func (c *CachedStore) refreshDue() {
 		olds []*cacheEntry
 	)
 	for d, e := range c.pos.All() {
-		if e.gen == gen && e.used.Load() && now-e.loadedAt >= refresh {
+		if used := e.lastUsed.Load(); e.gen == gen && used != 0 && now-used < int64(WarmFor) && now-e.loadedAt >= refresh {
 			due = append(due, d)
 			olds = append(olds, e)
 		}
@@ -614,6 +628,7 @@ func (c *CachedStore) refreshBatch(ds []Digest, olds []*cacheEntry) {
 			case next == nil: // gone from the store
 				return cur, otter.InvalidateOp
 			default:
+				next.lastUsed.Store(old.lastUsed.Load())
 				return next, otter.WriteOp
 			}
 		})

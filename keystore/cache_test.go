@@ -325,21 +325,37 @@ func TestCacheStaleWhileRevalidate(t *testing.T) {
 	}
 }
 
-// TestCacheUnusedNotRefreshed: records nobody asked for since they were
-// read are left to age out, not refreshed forever.
-func TestCacheUnusedNotRefreshed(t *testing.T) {
+// TestCacheKeepsUsedRecordsWarm: a record used in the last WarmFor is
+// re-read in the background every Refresh, however rarely it is used; one
+// never used, or not used for WarmFor, is left to age out.
+func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 	f := newCacheFixture(t, CacheOptions{TTL: 10 * time.Second, Refresh: 100 * time.Millisecond}, false)
 	k := f.storeRaw(t)
-	if err := f.cache.Create(context.Background(), newKey(t, "o", time.Now())); err != nil {
+	unused := newKey(t, "o", time.Now().UTC().Truncate(time.Millisecond))
+	if err := f.cache.Create(context.Background(), unused); err != nil {
 		t.Fatal(err)
 	}
-	lookupOK(t, f.cache, k.Digest) // read
-	lookupOK(t, f.cache, k.Digest) // used since
-	f.clock.Advance(time.Second)
+	created, _ := f.cache.pos.GetIfPresent(unused.Digest)
+	lookupOK(t, f.cache, k.Digest) // read for a request: in use
+
+	for range 3 {
+		f.clock.Advance(time.Second)
+		mgets := commandCalls(t, f.rdb, "mget")
+		waitFor(t, "a background refresh", func() bool { return commandCalls(t, f.rdb, "mget") > mgets })
+	}
+	if e, _ := f.cache.pos.GetIfPresent(k.Digest); f.clock.Now().UnixNano()-e.loadedAt >= int64(time.Second) {
+		t.Error("the record in use was not kept fresh")
+	}
+	if e, _ := f.cache.pos.GetIfPresent(unused.Digest); e != created {
+		t.Error("a record never used was re-read")
+	}
+
+	f.clock.Advance(WarmFor)
+	time.Sleep(300 * time.Millisecond) // a refresh already under way ends
 	mgets := commandCalls(t, f.rdb, "mget")
 	time.Sleep(300 * time.Millisecond) // several loop ticks
-	if n := commandCalls(t, f.rdb, "mget") - mgets; n != 1 {
-		t.Errorf("%d MGETs, want 1 (the used record, once)", n)
+	if n := commandCalls(t, f.rdb, "mget") - mgets; n != 0 {
+		t.Errorf("%d MGETs for records unused for %v, want 0", n, WarmFor)
 	}
 }
 
