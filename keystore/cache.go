@@ -249,8 +249,8 @@ type CachedStore struct {
 type cacheEntry struct {
 	key      *Key
 	prepared any
-	loadedAt int64  // unix nanoseconds when the store read started
-	gen      uint64 // the flush generation it was read in
+	loadedAt int64        // unix nanoseconds when the store read started
+	gen      uint64       // the flush generation it was read in
 	lastUsed atomic.Int64 // unix nanoseconds, to usedResolution; 0: never
 }
 
