@@ -11,7 +11,7 @@ package keystore
 //	                         re-reads it
 //
 // The background loop re-reads every record used in the last WarmFor (5
-// minutes) once it is Refresh old, in batches (one MGET for up to 256 keys
+// minutes) once it is Refresh old, in batches (one MGET for up to 128 keys
 // on Redis). So a key in use, even one used once a minute, is always
 // answered from the cache, and the store sees a handful of commands per
 // second however many requests there are; and such a key keeps working
@@ -40,6 +40,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,8 +67,11 @@ const (
 )
 
 const (
-	// refreshBatch is how many records one background refresh reads at once.
-	refreshBatch = 256
+	// refreshBatch is how many records one background refresh reads at
+	// once. Decoding them takes well under a millisecond, and the loop
+	// yields between batches, so a refresh of many records does not hold
+	// up requests on a server with a single CPU.
+	refreshBatch = 128
 	// maxRefreshTick is the longest pause of the background refresh loop.
 	maxRefreshTick = time.Second
 	// probeInterval is how often an unreachable store is pinged.
@@ -596,6 +600,7 @@ func (c *CachedStore) refreshDue() {
 	for i := 0; i < len(due) && c.ctx.Err() == nil && !c.down.Load(); i += refreshBatch {
 		j := min(i+refreshBatch, len(due))
 		c.refreshBatch(due[i:j], olds[i:j])
+		runtime.Gosched()
 	}
 }
 
