@@ -66,6 +66,14 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			owner <header>
 //			scopes <header>
 //		}
+//		cache off
+//		cache {
+//			size <n>
+//			ttl <duration>
+//			refresh <duration>
+//			outage_window <duration>
+//			pubsub off
+//		}
 //	}
 //
 // Secrets (`secret`, the dashboard_jwt `secret`) must be placeholders such
@@ -174,6 +182,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.CORSOrigins = append(h.CORSOrigins, args...)
 		case "identity_headers":
 			if err := h.unmarshalIdentityHeaders(d); err != nil {
+				return err
+			}
+		case "cache":
+			if err := h.unmarshalCache(d); err != nil {
 				return err
 			}
 		default:
@@ -318,6 +330,61 @@ func (h *Handler) unmarshalIdentityHeaders(d *caddyfile.Dispenser) error {
 			err = singleArg(d, &h.IdentityHeaders.Scopes)
 		default:
 			err = d.Errf("unrecognized identity_headers option %q", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// unmarshalCache reads `cache off` or a `cache { ... }` block.
+func (h *Handler) unmarshalCache(d *caddyfile.Dispenser) error {
+	if h.Cache != nil {
+		return d.Err("cache may be given only once")
+	}
+	h.Cache = new(CacheConfig)
+	if d.NextArg() {
+		if d.Val() != "off" || d.NextArg() {
+			return d.Err("cache takes no argument but off, or a block")
+		}
+		h.Cache.Disabled = true
+		if d.NextBlock(d.Nesting()) {
+			return d.Err("cache off takes no block")
+		}
+		return nil
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch d.Val() {
+		case "size":
+			var s string
+			if err = singleArg(d, &s); err == nil {
+				n, perr := strconv.Atoi(s)
+				if perr != nil || n < 1 {
+					return d.Errf("cache size: %q is not a positive whole number", s)
+				}
+				h.Cache.Size = n
+			}
+		case "ttl":
+			err = durationArg(d, &h.Cache.TTL)
+		case "refresh":
+			err = durationArg(d, &h.Cache.Refresh)
+		case "outage_window":
+			var w caddy.Duration
+			if err = durationArg(d, &w); err == nil {
+				h.Cache.OutageWindow = &w
+			}
+		case "pubsub":
+			var v string
+			if err = singleArg(d, &v); err == nil {
+				if v != "off" {
+					return d.Errf("cache pubsub: want off, got %q", v)
+				}
+				h.Cache.DisablePubSub = true
+			}
+		default:
+			err = d.Errf("unrecognized cache option %q", d.Val())
 		}
 		if err != nil {
 			return err

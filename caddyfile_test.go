@@ -66,6 +66,14 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"wait_replicas word", "store redis redis://127.0.0.1 {\n wait_replicas one\n}", "not a whole number"},
 		{"wait_replicas timeout", "store redis redis://127.0.0.1 {\n wait_replicas 1 soon\n}", "not a positive duration"},
 		{"wait_replicas args", "store redis redis://127.0.0.1 {\n wait_replicas\n}", "wrong argument count"},
+		{"cache twice", "cache off\ncache off", "only once"},
+		{"cache bad arg", "cache on", "no argument but off"},
+		{"cache off block", "cache off {\n ttl 1s\n}", "takes no block"},
+		{"cache option", "cache {\n ttl_max 1s\n}", `unrecognized cache option "ttl_max"`},
+		{"cache size", "cache {\n size many\n}", "not a positive whole number"},
+		{"cache size zero", "cache {\n size 0\n}", "not a positive whole number"},
+		{"cache ttl", "cache {\n ttl soon\n}", "ttl"},
+		{"cache pubsub", "cache {\n pubsub on\n}", "want off"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -99,6 +107,8 @@ func TestProvisionErrors(t *testing.T) {
 		{"bad scope name", "store file " + dir + "/e.db\nscopes bad!scope", "not a valid scope"},
 		{"bad identity header", "store file " + dir + "/f.db\nidentity_headers {\n id X_Bad:Header\n}", "not a valid header name"},
 		{"short jwt secret", "store file " + dir + "/g.db\ndashboard_jwt {\n secret {env.SHORT_SECRET}\n}", "dashboard_jwt"},
+		{"cache refresh not below ttl", "store file " + dir + "/h.db\ncache {\n ttl 2s\n refresh 2s\n}", "must be less than ttl"},
+		{"cache negative window", "store file " + dir + "/i.db\ncache {\n outage_window -1s\n}", "must not be negative"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

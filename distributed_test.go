@@ -199,16 +199,13 @@ func TestSeveralInstances(t *testing.T) {
 		}
 	}
 
-	// Revoked through the store (as the lifecycle API will): both refuse it.
-	ctx, cancel := testCtx()
-	defer cancel()
-	if _, err := store.Revoke(ctx, keys[0].KeyID, time.Now()); err != nil {
-		t.Fatal(err)
+	// Revoked through instance a's API: both refuse it, b once a's
+	// invalidation reaches it over pub/sub (well inside the poll).
+	if st, body := call(t, c, "DELETE", a.base+"/v1/apikeys/"+keys[0].KeyID, alice, "", nil); st != 200 {
+		t.Fatalf("revoke on a: %d %s", st, body)
 	}
 	for _, in := range []*instance{a, b} {
-		// Without an in-process cache the next request sees it; a cache
-		// would bound the delay instead, hence the bounded poll.
-		deadline := time.Now().Add(5 * time.Second)
+		deadline := time.Now().Add(2 * time.Second)
 		for {
 			st, body := call(t, c, "GET", in.base+"/v1/x", keys[0].Key, "", nil)
 			if st == 401 {

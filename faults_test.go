@@ -132,7 +132,7 @@ func summary(out []outcome) string {
 // which makes two bounded rounds of store calls) plus slack; every 201 is
 // for a key the store holds, and every 201'd key validates afterwards.
 func TestRedisOutageDuringLoad(t *testing.T) {
-	g := startGateway(t, "redis", "")
+	g := startGateway(t, "redis", "max_keys_per_owner 100000")
 	check := g.create("alice", `{"name":"checker"}`)
 	ls := startLoad(g, 4, check.Key, false)
 
@@ -206,7 +206,7 @@ func TestRedisOutageDuringLoad(t *testing.T) {
 // control); Go's client resends GETs and requests with an Idempotency-Key
 // by itself, but not other POSTs.
 func TestReloadUnderLoad(t *testing.T) {
-	g := startGateway(t, "redis", "")
+	g := startGateway(t, "redis", "max_keys_per_owner 100000")
 	check := g.create("alice", `{"name":"checker"}`)
 	rdb := g.redis.Client(t)
 	clients := func() int {
@@ -240,9 +240,9 @@ func TestReloadUnderLoad(t *testing.T) {
 	var took []time.Duration
 	for i := range reloads {
 		time.Sleep(150 * time.Millisecond)
-		extra := ""
+		extra := "max_keys_per_owner 100000"
 		if i%2 == 0 {
-			extra = "scope billing:read /v1/billing"
+			extra += "\nscope billing:read /v1/billing"
 		}
 		start := time.Now()
 		if err := g.load(extra); err != nil {

@@ -58,51 +58,105 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	h.stripIdentityHeaders(r)
 	token, ok := bearerToken(r)
 	if !ok {
+		validationNoKey.Inc()
 		return h.unauthorized(w, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.")
 	}
-	if keystore.Check(h.KeyPrefix, token) != nil {
-		// Malformed, a JWT or a typo: refused without a store lookup.
+	if len(token) != keystore.KeyLen(h.KeyPrefix) || !strings.HasPrefix(token, h.KeyPrefix) {
+		// Not an API key (a JWT, say) or truncated.
+		validationMalformed.Inc()
 		return h.unauthorized(w, "invalid_api_key", "The API key is malformed or invalid.")
 	}
 	digest := h.hasher.Digest(token)
 
-	ctx, cancel := h.storeCtx(r)
-	key, err := h.store.ByDigest(ctx, digest)
-	cancel()
-	switch {
-	case errors.Is(err, keystore.ErrNotFound):
-		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
-	case err != nil:
-		h.logger.Error("key store lookup failed", zap.Error(err))
-		return writeError(w, errStoreUnavailable)
+	// A record in the cache proves the key was minted: the full check of
+	// its characters and checksum is only needed before other lookups.
+	key, prepared, cached := h.cache.Peek(digest)
+	if !cached {
+		if keystore.Check(h.KeyPrefix, token) != nil {
+			// Malformed or a typo: refused without a store lookup.
+			validationMalformed.Inc()
+			return h.unauthorized(w, "invalid_api_key", "The API key is malformed or invalid.")
+		}
+		// A miss reads the store, bounded by store_timeout.
+		var err error
+		key, prepared, err = h.cache.Lookup(r.Context(), digest)
+		switch {
+		case errors.Is(err, keystore.ErrNotFound):
+			validationUnknown.Inc()
+			return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
+		case err != nil:
+			// An outage the cache knows of is logged once, by the cache.
+			level := zapcore.ErrorLevel
+			if errors.Is(err, keystore.ErrUnavailable) {
+				level = zapcore.DebugLevel
+			}
+			if c := h.logger.Check(level, "key store lookup failed"); c != nil {
+				c.Write(zap.Error(err))
+			}
+			validationStoreUnavailable.Inc()
+			return writeError(w, errStoreUnavailable)
+		}
 	}
-	if !key.Digest.Equal(digest) || !key.Active(h.now()) {
+	if now := h.now(); !key.Digest.Equal(digest) || !key.Active(now) {
+		switch {
+		case !key.Digest.Equal(digest):
+			validationUnknown.Inc()
+		case key.Status(now) == keystore.StatusRevoked:
+			validationRevoked.Inc()
+		default:
+			validationExpired.Inc()
+		}
 		h.debug("api key refused: revoked or expired", key)
 		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
 	}
 	if required, ok := h.allowed(key, r); !ok {
+		validationInsufficientScope.Inc()
 		h.debug("api key refused: insufficient scope", key)
 		return h.insufficientScope(w, required)
 	}
 
 	// The backend learns who calls from these headers only; the identity
 	// headers' names are canonical (see applyDefaults).
+	id, _ := prepared.(*keyIdentity)
+	if id == nil {
+		id = newKeyIdentity(key)
+	}
 	hdr := r.Header
-	hdr.Del("Authorization")
+	delete(hdr, "Authorization") // keys of a parsed request are canonical
 	ids := h.IdentityHeaders
-	scopes := scopeString(key)
-	hdr[ids.ID] = []string{key.ID}
-	hdr[ids.Owner] = []string{key.Owner}
-	hdr[ids.Scopes] = []string{scopes}
+	// One allocation for the three values; each header gets a slice of
+	// its own capacity, so an append to one cannot touch another.
+	vals := make([]string, 3)
+	vals[0], vals[1], vals[2] = key.ID, key.Owner, id.scopes
+	hdr[ids.ID] = vals[0:1:1]
+	hdr[ids.Owner] = vals[1:2:2]
+	hdr[ids.Scopes] = vals[2:3:3]
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		repl.Set("http.auth.user.id", key.Owner)
-		repl.Set("http.auth.apikey.id", key.ID)
-		repl.Set("http.auth.apikey.scopes", scopes)
+		repl.Set("http.auth.user.id", id.owner)
+		repl.Set("http.auth.apikey.id", id.id)
+		repl.Set("http.auth.apikey.scopes", id.scopesValue)
 	}
 	h.usage.touch(key.ID, h.now())
+	validationAccepted.Inc()
 	h.debug("api key accepted", key)
 	return next.ServeHTTP(w, r)
 }
+
+// keyIdentity is what the guard hands on for a key: computed once per cached
+// record (keystore.CacheOptions.Prepare) instead of on every request. The
+// placeholder values are boxed once, so setting them does not allocate.
+type keyIdentity struct {
+	scopes                 string // header value: space-separated, or "*"
+	id, owner, scopesValue any    // the placeholders' values
+}
+
+func newKeyIdentity(k *keystore.Key) *keyIdentity {
+	s := scopeString(k)
+	return &keyIdentity{scopes: s, id: k.ID, owner: k.Owner, scopesValue: s}
+}
+
+// prepareIdentity is the cache's Prepare function.
+func prepareIdentity(k *keystore.Key) any { return newKeyIdentity(k) }
 
 // stripIdentityHeaders removes client-sent copies of the identity headers.
 // It runs on every guarded request before anything else. Names that differ

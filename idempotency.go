@@ -233,6 +233,7 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, own
 			return h.unreadableRecord(w, err)
 		}
 		h.logger.Debug("idempotent replay", zap.String("key_id", rec.KeyID), zap.String("owner", owner))
+		metricIdempotentReplays.Inc()
 		writeCreated(w, body, true)
 		return nil
 	}

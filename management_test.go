@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
 func testCtx() (context.Context, context.CancelFunc) {
@@ -281,8 +283,13 @@ func TestCreateStoreUnavailable(t *testing.T) {
 			t.Errorf("503 took %v; store_timeout is 500ms", d)
 		}
 	}
-	// The guard cannot check keys either.
-	if resp := g.do(request{method: "GET", path: "/v1/analytics", bearer: key.Key}); resp.status != 503 || resp.errCode() != "store_unavailable" {
+	// The guard cannot check keys it does not know either (keys it
+	// validated recently keep working: see TestGuardOutageWindow).
+	unknown, err := keystore.Mint("wbk_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp := g.do(request{method: "GET", path: "/v1/analytics", bearer: unknown}); resp.status != 503 || resp.errCode() != "store_unavailable" {
 		t.Errorf("guard during outage: %d %s", resp.status, resp.body)
 	}
 	g.redis.Restart()

@@ -103,8 +103,8 @@ type Handler struct {
 	// is calling. Client-sent copies are always removed.
 	IdentityHeaders *IdentityHeaders `json:"identity_headers,omitempty"`
 
-	// MaxKeysPerOwner caps how many keys one owner may hold (revoked and
-	// expired keys count until retention removes them). Default: 1000.
+	// MaxKeysPerOwner caps how many keys one owner may hold that still
+	// validate (revoked and expired keys do not count). Default: 1000.
 	MaxKeysPerOwner int `json:"max_keys_per_owner,omitempty"`
 
 	// LastUsedInterval is how often last-used times are written to the
@@ -117,8 +117,13 @@ type Handler struct {
 	// requests are answered for them; other origins get no CORS headers.
 	CORSOrigins []string `json:"cors_origins,omitempty"`
 
+	// Cache configures the in-process cache of key records that the guard
+	// reads. Default: on, with the defaults of CacheConfig.
+	Cache *CacheConfig `json:"cache,omitempty"`
+
 	logger       *zap.Logger
 	store        keystore.Store
+	cache        *keystore.CachedStore // the same store, for the guard's lookups
 	storePoolKey string
 	hasher       *keystore.Hasher
 	sealer       cipher.AEAD
@@ -173,6 +178,43 @@ type IdentityHeaders struct {
 	Scopes string `json:"scopes,omitempty"`
 }
 
+// CacheConfig configures the in-process cache of key records. The cache
+// belongs to the store: handlers that use the same store (and successive
+// configs, across reloads) share one cache, with the settings of the config
+// provisioned last.
+//
+// A record is served from the cache for up to TTL after it was read from
+// the store; records used in the last 5 minutes are re-read in the
+// background (in batches) from Refresh on, so requests do not wait for the
+// store. Writes through any instance (a
+// create, a revocation) reach every instance's cache at once over Redis
+// pub/sub; TTL bounds staleness if a message is lost. While the store is
+// unreachable, records read less than OutageWindow ago keep validating and
+// any other key gets 503 store_unavailable at once.
+type CacheConfig struct {
+	// Disabled turns the cache off: every guarded request reads the store.
+	// Default: false.
+	Disabled bool `json:"disabled,omitempty"`
+	// Size is the most key records kept, and, separately, the most unknown
+	// keys remembered as unknown. Default: 100000.
+	Size int `json:"size,omitempty"`
+	// TTL is the longest a record, or an unknown key, is served from the
+	// cache after it was read from a reachable store. Default: 10s.
+	TTL caddy.Duration `json:"ttl,omitempty"`
+	// Refresh is the age from which a record used in the last 5 minutes is
+	// re-read in the background, while the cached one is still served. It must be less
+	// than TTL. Default: 5s, or half of TTL if that is less.
+	Refresh caddy.Duration `json:"refresh,omitempty"`
+	// OutageWindow is how long after it was last read from the store a
+	// record keeps validating while the store is unreachable; 0 disables
+	// it (then no record is served past TTL). Default: 5m.
+	OutageWindow *caddy.Duration `json:"outage_window,omitempty"`
+	// DisablePubSub stops publishing and receiving invalidations over
+	// Redis pub/sub (for a Redis that does not allow PUBLISH or SUBSCRIBE):
+	// other instances then see a revocation only after TTL. Default: false.
+	DisablePubSub bool `json:"disable_pubsub,omitempty"`
+}
+
 // ScopeRule requires Scope for requests matching Methods (any, when empty)
 // and one of Paths (patterns as Caddy's `path` matcher reads them).
 type ScopeRule struct {
@@ -223,6 +265,11 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 	if err := h.compileScopes(ctx); err != nil {
 		return err
 	}
+	if reg := ctx.GetMetricsRegistry(); reg != nil {
+		if err := registerMetrics(reg); err != nil {
+			return fmt.Errorf("apikeys: metrics: %w", err)
+		}
+	}
 
 	storeCfg := h.Store
 	if storeCfg == nil {
@@ -232,11 +279,15 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	store, poolKey, autoSecret, err := openStore(storeCfg, repl, secret == nil)
+	cacheOpts, err := h.cacheOptions()
 	if err != nil {
 		return err
 	}
-	h.store, h.storePoolKey = store, poolKey
+	store, poolKey, autoSecret, err := openStore(storeCfg, repl, secret == nil, cacheOpts, h.Cache != nil && h.Cache.DisablePubSub)
+	if err != nil {
+		return err
+	}
+	h.store, h.cache, h.storePoolKey = store, store, poolKey
 	if secret == nil {
 		secret = autoSecret
 	}

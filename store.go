@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -27,15 +28,42 @@ import (
 // (a bbolt file cannot be opened twice).
 var stores = caddy.NewUsagePool()
 
-// pooledStore adapts a keystore.Store to caddy.Destructor.
+// pooledStore adapts a keystore.Store to caddy.Destructor. The store is
+// always a *keystore.CachedStore around the Redis or bbolt store, so the
+// cache (and its pub/sub subscription) lives as long as the store and is
+// shared by every handler that uses the store, across reloads.
 type pooledStore struct{ keystore.Store }
 
 func (p pooledStore) Destruct() error { return p.Close() }
 
-// openStore opens the configured store, or takes it from the pool. With the
-// file store and wantSecret set, it also returns the auto-generated secret
-// kept beside the database file.
-func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystore.Store, string, []byte, error) {
+// openStore opens the configured store with its cache, or takes it from the
+// pool (and applies cacheOpts to its cache). With the file store and
+// wantSecret set, it also returns the auto-generated secret kept beside the
+// database file. noPubSub opens a Redis store whose cache neither publishes
+// nor receives invalidations (a separate pool entry, since that is fixed
+// when the cache is created).
+func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpts keystore.CacheOptions, noPubSub bool) (*keystore.CachedStore, string, []byte, error) {
+	newCached := func(inner keystore.Store, inval keystore.Invalidator) (caddy.Destructor, error) {
+		opts := cacheOpts
+		opts.Invalidator = inval
+		c, err := keystore.NewCachedStore(inner, opts)
+		if err != nil {
+			_ = inner.Close()
+			return nil, err
+		}
+		return pooledStore{c}, nil
+	}
+	// reuse applies cacheOpts to a store taken from the pool.
+	reuse := func(v any, loaded bool, key string) (*keystore.CachedStore, error) {
+		c := v.(pooledStore).Store.(*keystore.CachedStore)
+		if loaded {
+			if err := c.Configure(cacheOpts); err != nil {
+				_, _ = stores.Delete(key)
+				return nil, fmt.Errorf("apikeys: cache: %w", err)
+			}
+		}
+		return c, nil
+	}
 	switch cfg.Type {
 	case "", "file":
 		p := repl.ReplaceKnown(cfg.Path, "")
@@ -54,17 +82,19 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystor
 		}
 		// One handle per file: the first config to open it sets retention.
 		key := "file:" + abs
-		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
+		v, loaded, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
 			s, err := keystore.NewBolt(keystore.BoltOptions{Path: abs, Retention: time.Duration(cfg.Retention)})
 			if err != nil {
 				return nil, err
 			}
-			return pooledStore{s}, nil
+			// One process owns the file: its cache sees every write.
+			return newCached(s, nil)
 		})
 		if err != nil {
 			return nil, "", nil, fmt.Errorf("apikeys: open store file %s: %w", abs, err)
 		}
-		return v.(pooledStore).Store, key, secret, nil
+		c, err := reuse(v, loaded, key)
+		return c, key, secret, err
 
 	case "redis":
 		routeRedisLogs.Do(func() { redis.SetLogger(redisLogger{}) })
@@ -83,23 +113,62 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool) (keystor
 		}
 		// The pool key holds credentials; it never leaves this process.
 		key := fmt.Sprintf("redis:%s|%d|%d|%d|%s", cfg.Namespace, cfg.Retention, cfg.WaitReplicas, cfg.WaitTimeout, strings.Join(urls, "|"))
-		v, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
+		if noPubSub {
+			key += "|nopubsub"
+		}
+		v, loaded, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
 			s, err := keystore.NewRedis(keystore.RedisOptions{URLs: urls, Namespace: cfg.Namespace, Retention: time.Duration(cfg.Retention),
 				WaitReplicas: cfg.WaitReplicas, WaitTimeout: time.Duration(cfg.WaitTimeout)})
 			if err != nil {
 				return nil, err
 			}
-			return pooledStore{s}, nil
+			var inval keystore.Invalidator
+			if !noPubSub {
+				inval = keystore.NewRedisInvalidator(s)
+			}
+			return newCached(s, inval)
 		})
 		if err != nil {
 			// go-redis URL errors do not echo passwords, but say only which URL.
 			return nil, "", nil, fmt.Errorf("apikeys: store redis: %w", err)
 		}
-		return v.(pooledStore).Store, key, nil, nil
+		c, err := reuse(v, loaded, key)
+		return c, key, nil, err
 
 	default:
 		return nil, "", nil, fmt.Errorf("apikeys: unknown store type %q (want file or redis)", cfg.Type)
 	}
+}
+
+// cacheOptions turns the Cache config into keystore options.
+func (h *Handler) cacheOptions() (keystore.CacheOptions, error) {
+	opts := keystore.CacheOptions{
+		StoreTimeout: h.storeTimeout,
+		Prepare:      prepareIdentity,
+		Observer:     newStoreObserver(h.logger),
+	}
+	c := h.Cache
+	if c == nil {
+		return opts, nil
+	}
+	if c.Size < 0 || c.TTL < 0 || c.Refresh < 0 || c.OutageWindow != nil && *c.OutageWindow < 0 {
+		return opts, errors.New("apikeys: cache: size, ttl, refresh and outage_window must not be negative")
+	}
+	opts.Disabled = c.Disabled
+	opts.Size = c.Size
+	opts.TTL = time.Duration(c.TTL)
+	opts.Refresh = time.Duration(c.Refresh)
+	if c.OutageWindow != nil {
+		opts.OutageWindow = time.Duration(*c.OutageWindow)
+		if opts.OutageWindow == 0 {
+			opts.OutageWindow = -1 // keystore: negative disables, zero is the default
+		}
+	}
+	ttl := cmp.Or(opts.TTL, keystore.DefaultCacheTTL)
+	if refresh := cmp.Or(opts.Refresh, min(keystore.DefaultCacheRefresh, ttl/2)); refresh >= ttl {
+		return opts, fmt.Errorf("apikeys: cache: refresh (%s) must be less than ttl (%s)", refresh, ttl)
+	}
+	return opts, nil
 }
 
 // resolveSecret resolves placeholders in a configured secret. An empty

@@ -1,0 +1,207 @@
+package apikeys
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+)
+
+// The guard's benchmarks call Handler.ServeHTTP directly, as Caddy's
+// server does, on a handler provisioned from a config like any other:
+//
+//	go test -run '^$' -bench Guard -benchmem .
+//
+// Hit: a cached key, as after its first request. The request, its header
+// map and its replacer are reused between iterations (as a server reuses a
+// connection's buffers; allocating them is Caddy's cost, not the guard's),
+// so the figures are what the guard itself costs per request.
+
+// benchHandler provisions a Handler with the given store config and scope
+// rules and returns it with a cleanup.
+func benchHandler(b *testing.B, store *StoreConfig, cache *CacheConfig) *Handler {
+	b.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	h := &Handler{
+		Store:      store,
+		Secret:     "{env.APIKEYS_TEST_SECRET}",
+		ScopeRules: []ScopeRule{{Scope: "analytics:read", Methods: []string{"GET"}, Paths: []string{"/v1/analytics/*"}}},
+		Cache:      cache,
+	}
+	if err := h.Provision(ctx); err != nil {
+		b.Fatal(err)
+	}
+	if err := h.Validate(); err != nil {
+		b.Fatal(err)
+	}
+	// Caddy's default level: Info (the guard logs its decisions at Debug).
+	h.logger = zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zapcore.InfoLevel))
+	b.Cleanup(func() {
+		_ = h.Cleanup()
+		cancel()
+	})
+	return h
+}
+
+// benchKey mints a key through the handler's store (so it is cached).
+func benchKey(b *testing.B, h *Handler, scopes []string) string {
+	b.Helper()
+	k, raw, err := h.newKey("bench-owner", createRequest{Name: "bench", Scopes: scopes})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := h.store.Create(context.Background(), k); err != nil {
+		b.Fatal(err)
+	}
+	return raw
+}
+
+// benchRequest is a reusable request with a Caddy replacer in its context.
+type benchRequest struct {
+	r    *http.Request
+	auth []string
+}
+
+func newBenchRequest(b *testing.B, path, key string) *benchRequest {
+	r, err := http.NewRequest("GET", "http://gateway"+path, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	repl := caddy.NewReplacer()
+	r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, repl))
+	r.Header.Set("User-Agent", "bench")
+	r.Header.Set("Accept", "*/*")
+	return &benchRequest{r: r, auth: []string{"Bearer " + key}}
+}
+
+// reset puts the Authorization header back (the guard removes it).
+func (br *benchRequest) reset() *http.Request {
+	br.r.Header["Authorization"] = br.auth
+	return br.r
+}
+
+// nopWriter is a ResponseWriter that discards everything.
+type nopWriter struct{ h http.Header }
+
+func (w *nopWriter) Header() http.Header         { return w.h }
+func (w *nopWriter) Write(p []byte) (int, error) { return len(p), nil }
+func (w *nopWriter) WriteHeader(int)             {}
+
+var nextOK = caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })
+
+// checkPassed fails the benchmark unless the guard let the request through.
+func checkPassed(b *testing.B, h *Handler, br *benchRequest, w *nopWriter) {
+	b.Helper()
+	w.h = http.Header{}
+	var passed bool
+	next := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { passed = true; return nil })
+	if err := h.ServeHTTP(w, br.reset(), next); err != nil || !passed {
+		b.Fatalf("the guard refused the benchmark's key: %v %v", err, w.h)
+	}
+}
+
+func BenchmarkGuardHit(b *testing.B) {
+	h := benchHandler(b, &StoreConfig{Path: filepath.Join(b.TempDir(), "keys.db")}, nil)
+	cases := []struct {
+		name, path string
+		scopes     []string
+	}{
+		{"full-access", "/v1/anything", nil},
+		{"scoped", "/v1/analytics/daily", []string{"analytics:read"}},
+	}
+	for _, tc := range cases {
+		key := benchKey(b, h, tc.scopes)
+		b.Run(tc.name, func(b *testing.B) {
+			br := newBenchRequest(b, tc.path, key)
+			w := &nopWriter{}
+			checkPassed(b, h, br, w)
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := h.ServeHTTP(w, br.reset(), nextOK); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(tc.name+"-parallel", func(b *testing.B) {
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				br := newBenchRequest(b, tc.path, key)
+				w := &nopWriter{h: http.Header{}}
+				for pb.Next() {
+					if err := h.ServeHTTP(w, br.reset(), nextOK); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkGuardMiss measures requests whose key the cache does not hold,
+// answered by a real redis-server on loopback: "known" keys were stored
+// behind the cache's back (one GET, then the record is cached), "unknown"
+// ones were never stored (one GET, then remembered as unknown). Each
+// iteration uses a key of its own.
+func BenchmarkGuardMiss(b *testing.B) {
+	srv := testredis.Start(b)
+	h := benchHandler(b, &StoreConfig{Type: "redis", URLs: []string{srv.URL()}}, nil)
+	raw, err := keystore.NewRedis(keystore.RedisOptions{URLs: []string{srv.URL()}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer raw.Close()
+
+	run := func(b *testing.B, store bool, want int) {
+		keys := make([]string, b.N)
+		for i := range keys {
+			if keys[i], err = keystore.Mint(h.KeyPrefix); err != nil {
+				b.Fatal(err)
+			}
+			if store {
+				k := &keystore.Key{ID: "key_bench" + time.Now().Format("150405.000000000") + keys[i][4:12],
+					Owner: "bench", Name: "bench", Prefix: keystore.DisplayPrefix(h.KeyPrefix, keys[i]),
+					Digest: h.hasher.Digest(keys[i]), CreatedAt: time.Now().UTC().Truncate(time.Millisecond)}
+				if err := raw.Create(context.Background(), k); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		br := newBenchRequest(b, "/v1/anything", "")
+		w := &nopWriter{h: http.Header{}}
+		var status atomic.Int64
+		write := &statusWriter{nopWriter: w, status: &status}
+		b.ReportAllocs()
+		b.ResetTimer()
+		for i := range b.N {
+			br.auth = []string{"Bearer " + keys[i]}
+			status.Store(200)
+			if err := h.ServeHTTP(write, br.reset(), nextOK); err != nil {
+				b.Fatal(err)
+			}
+			if int(status.Load()) != want {
+				b.Fatalf("status %d, want %d", status.Load(), want)
+			}
+		}
+	}
+	b.Run("known", func(b *testing.B) { run(b, true, 200) })
+	b.Run("unknown", func(b *testing.B) { run(b, false, 401) })
+}
+
+// statusWriter records the status a refusal writes.
+type statusWriter struct {
+	*nopWriter
+	status *atomic.Int64
+}
+
+func (w *statusWriter) WriteHeader(code int) { w.status.Store(int64(code)) }

@@ -1,0 +1,947 @@
+package keystore
+
+// This file implements CachedStore, an in-process cache of key records in
+// front of a Store, so that validating a known key costs no store round trip.
+//
+// Every cached record remembers when it was read from the store (loadedAt).
+// A lookup then takes one of these paths:
+//
+//	age < Refresh            hit: served as is
+//	Refresh <= age < TTL     stale: served as is, until the background loop
+//	                         re-reads it
+//
+// The background loop re-reads every record used in the last WarmFor (5
+// minutes) once it is Refresh old, in batches (one MGET for up to 128 keys
+// on Redis). So a key in use, even one used once a minute, is always
+// answered from the cache, and the store sees a handful of commands per
+// second however many requests there are; and such a key keeps working
+// through a store outage (its record was read moments before).
+//
+//	age >= TTL               re-read from the store before it is served (one
+//	                         read per digest, however many requests wait)
+//	not cached               read from the store (one read per digest); an
+//	                         unknown digest is remembered as unknown for TTL
+//
+// Writes made through the CachedStore (Create, Revoke, Update) invalidate the
+// record locally at once and publish the digest through the Invalidator, so
+// that every other instance drops it too. An Invalidator calls reset
+// whenever it (re)subscribes, because messages sent while it was
+// disconnected are lost: the whole cache is flushed then. If all of that
+// fails, TTL still bounds how long a changed record can be served while the
+// store is reachable.
+//
+// When a store read fails, the store is marked unreachable and probed in
+// the background until it answers again. Until then no request waits for
+// it: records read from the store less than OutageWindow ago keep being
+// served, digests remembered as unknown stay unknown for TTL, and every
+// other lookup fails at once with ErrUnavailable.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/maypok86/otter/v2"
+)
+
+// Defaults of [CacheOptions].
+const (
+	// DefaultCacheSize is how many key records the cache holds (and,
+	// separately, how many unknown digests).
+	DefaultCacheSize = 100_000
+	// DefaultCacheTTL is the longest a record is served after it was read
+	// from a reachable store.
+	DefaultCacheTTL = 10 * time.Second
+	// DefaultCacheRefresh is the age at which a record in use is re-read in
+	// the background.
+	DefaultCacheRefresh = 5 * time.Second
+	// DefaultOutageWindow is how long after it was last read from the store
+	// a record keeps being served while the store is unreachable.
+	DefaultOutageWindow = 5 * time.Minute
+	// DefaultCacheStoreTimeout bounds each store read the cache makes.
+	DefaultCacheStoreTimeout = 2 * time.Second
+)
+
+const (
+	// refreshBatch is how many records one background refresh reads at
+	// once. Decoding them takes well under a millisecond, and the loop
+	// yields between batches, so a refresh of many records does not hold
+	// up requests on a server with a single CPU.
+	refreshBatch = 128
+	// maxRefreshTick is the longest pause of the background refresh loop.
+	maxRefreshTick = time.Second
+	// probeInterval is how often an unreachable store is pinged.
+	probeInterval = 250 * time.Millisecond
+	// WarmFor is how long after its last use a record keeps being re-read
+	// in the background; after that it is left to expire.
+	WarmFor = 5 * time.Minute
+	// usedResolution is how precisely a record's last use is recorded: a
+	// hit writes the time only if the recorded one is older than this.
+	usedResolution = int64(time.Second)
+)
+
+// coarseResolution is how often the shared coarse clock reads the time.
+const coarseResolution = 10 * time.Millisecond
+
+// sharedCoarseClock is the clock of every cache: of otter's expiry and,
+// unless CacheOptions.Now is set, of the freshness decisions.
+var sharedCoarseClock = sync.OnceValue(func() *otter.CoarseClock {
+	return otter.NewCoarseClock(coarseResolution)
+})
+
+// ErrUnavailable is returned by [CachedStore.Lookup] when the store cannot
+// be read and the cache cannot answer on its own: the store is known to be
+// unreachable, or a read just failed (the error then wraps the cause).
+var ErrUnavailable = errors.New("keystore: store unavailable")
+
+// CacheOptions configures a [CachedStore]. Zero values mean the documented
+// default.
+type CacheOptions struct {
+	// Size bounds the number of key records kept, and, separately, the
+	// number of digests remembered as unknown; default 100000
+	// ([DefaultCacheSize]). Eviction is by frequency and recency
+	// (W-TinyLFU), so a flood of one-off digests does not push out keys in
+	// use.
+	Size int
+	// TTL is the longest a record (or an unknown digest) is served after it
+	// was read from the store, while the store is reachable; default 10s
+	// ([DefaultCacheTTL]). It bounds staleness when an invalidation message
+	// is lost.
+	TTL time.Duration
+	// Refresh is the age at which a record used in the last WarmFor is
+	// re-read in the background (stale-while-revalidate); default 5s
+	// ([DefaultCacheRefresh]) or TTL/2, whichever is less. It must be less
+	// than TTL.
+	Refresh time.Duration
+	// OutageWindow is how long after it was last read from the store a
+	// record keeps being served while the store is unreachable; default 5m
+	// ([DefaultOutageWindow]). A negative value disables it: then no record
+	// is served past TTL.
+	OutageWindow time.Duration
+	// StoreTimeout bounds each store read the cache makes (loads,
+	// refreshes, probes); default 2s ([DefaultCacheStoreTimeout]).
+	StoreTimeout time.Duration
+	// Disabled turns caching off: every lookup reads the store. Writes
+	// still publish invalidations, for the instances that do cache.
+	Disabled bool
+
+	// The fields below are fixed when the CachedStore is created;
+	// Configure ignores them.
+
+	// Invalidator carries invalidations to and from other instances; nil
+	// means this process is the only writer (the bbolt store).
+	Invalidator Invalidator
+	// Prepare, if set, is called once for every record put in the cache;
+	// Lookup returns its result with the record. Use it to precompute what
+	// every request that presents the key would otherwise compute again.
+	Prepare func(*Key) any
+	// Observer receives counts, timings and failures; nil discards them.
+	Observer CacheObserver
+	// Now is the clock of the cache's freshness decisions. For tests; by
+	// default a coarse clock shared by all caches, which a goroutine reads
+	// every 10ms: reading it costs an atomic load instead of a clock read on
+	// every lookup, and ages are off by at most 10ms.
+	Now func() time.Time
+}
+
+// Invalidation tells caches that the record of Digest changed.
+type Invalidation struct {
+	// Digest is the key whose record changed.
+	Digest Digest
+	// Created says that the key was just created: only a cached "unknown"
+	// for the digest is dropped (the creating instance has cached the
+	// record itself). Otherwise the record is dropped.
+	Created bool
+}
+
+// Invalidator carries [Invalidation]s between the instances that share a
+// store.
+type Invalidator interface {
+	// Publish sends inv to every subscribed instance, this one included.
+	Publish(ctx context.Context, inv Invalidation) error
+	// Subscribe delivers invalidations to apply until ctx ends. It calls
+	// reset each time it has (re)subscribed, before delivering anything
+	// sent after that: whatever was sent while it was not subscribed is
+	// lost, so the caller must forget everything it cached. flushAll
+	// messages (sent by an operator) call reset too.
+	Subscribe(ctx context.Context, apply func(Invalidation), reset func())
+}
+
+// LookupResult is how the cache answered one lookup, for metrics.
+type LookupResult string
+
+// Lookup results, as reported to [CacheObserver.CacheLookup].
+const (
+	// LookupHit: a record younger than Refresh.
+	LookupHit LookupResult = "hit"
+	// LookupStale: a record older than Refresh (but younger than TTL),
+	// served while it is re-read in the background.
+	LookupStale LookupResult = "stale"
+	// LookupNegativeHit: a digest remembered as unknown.
+	LookupNegativeHit LookupResult = "negative_hit"
+	// LookupMiss: not cached (or older than TTL): read from the store.
+	LookupMiss LookupResult = "miss"
+	// LookupOutage: a record older than TTL served because the store is
+	// unreachable (within OutageWindow).
+	LookupOutage LookupResult = "outage"
+	// LookupUnavailable: the store is unreachable and the cache had no
+	// usable answer.
+	LookupUnavailable LookupResult = "unavailable"
+	// LookupBypass: the cache is disabled; the store was read.
+	LookupBypass LookupResult = "bypass"
+)
+
+// CacheObserver receives what a [CachedStore] does. Its methods are called
+// on the request path and must be quick and safe for concurrent use.
+type CacheObserver interface {
+	// CacheLookup counts the outcome of one lookup.
+	CacheLookup(LookupResult)
+	// StoreCall reports one call of the underlying store: op is its method
+	// in snake case ("by_digest", "by_digests" for a batch, "create", ...),
+	// err its result (ErrNotFound included).
+	StoreCall(op string, took time.Duration, err error)
+	// StoreHealth reports that the store was marked unreachable (up false,
+	// err the failure) or answered again (up true).
+	StoreHealth(up bool, err error)
+	// Invalidated counts dropped cache entries by source: "local" (a write
+	// through this instance), "remote" (an invalidation message) or
+	// "flush" (everything, on (re)subscribe).
+	Invalidated(source string)
+	// KeyMinted and KeyRevoked count successful creates and revocations.
+	KeyMinted()
+	KeyRevoked()
+	// Error reports a failure that no caller sees, such as a failed publish.
+	Error(msg string, err error)
+}
+
+// CachedStore is a [Store] with an in-process cache of key records by
+// digest, fleet-wide invalidation and outage handling; see the file
+// comment. Create it with [NewCachedStore]. Methods other than ByDigest,
+// Lookup and the writes go straight to the underlying store.
+type CachedStore struct {
+	inner       Store
+	bulk        bulkReader // inner, if it reads many digests at once
+	pos         *otter.Cache[Digest, *cacheEntry]
+	neg         *otter.Cache[Digest, negEntry]
+	loader      otter.Loader[Digest, *cacheEntry]
+	inval       Invalidator
+	prepare     func(*Key) any
+	obs         CacheObserver
+	nowNano     func() int64
+	ttl         atomic.Int64 // nanoseconds
+	refresh     atomic.Int64
+	window      atomic.Int64 // <= 0: disabled
+	timeout     atomic.Int64
+	disabled    atomic.Bool
+	gen         atomic.Uint64 // bumped by every flush
+	seq         atomic.Uint64 // bumped by every invalidation and flush
+	down        atomic.Bool   // the store is known to be unreachable
+	probing     atomic.Bool
+	ctx         context.Context // ends with Close
+	cancel      context.CancelFunc
+	wg          sync.WaitGroup
+	closeOnce   sync.Once
+	closeResult error
+}
+
+// cacheEntry is a cached record. The record and prepared value are shared
+// by every request that presents the key: nobody may modify them.
+type cacheEntry struct {
+	key      *Key
+	prepared any
+	loadedAt int64        // unix nanoseconds when the store read started
+	gen      uint64       // the flush generation it was read in
+	lastUsed atomic.Int64 // unix nanoseconds, to usedResolution; 0: never
+}
+
+// negEntry remembers that a digest was not in the store.
+type negEntry struct {
+	loadedAt int64
+	gen      uint64
+}
+
+// bulkReader is implemented by stores that read many digests in one round
+// trip.
+type bulkReader interface {
+	// ByDigests returns the records of ds, in order, with nil for a digest
+	// that has no record.
+	ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
+}
+
+var _ Store = (*CachedStore)(nil)
+
+// NewCachedStore returns a CachedStore in front of inner and starts its
+// background work (refreshing records in use, and receiving invalidations
+// when opts.Invalidator is set). Close stops it and closes inner.
+func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
+	c := &CachedStore{inner: inner, inval: opts.Invalidator, prepare: opts.Prepare, obs: opts.Observer}
+	if c.obs == nil {
+		c.obs = nopObserver{}
+	}
+	if opts.Now != nil {
+		c.nowNano = func() int64 { return opts.Now().UnixNano() }
+	} else {
+		c.nowNano = sharedCoarseClock().NowNano
+	}
+	c.bulk, _ = inner.(bulkReader)
+	if err := c.Configure(opts); err != nil {
+		return nil, err
+	}
+	size := c.size(opts)
+	var err error
+	c.pos, err = otter.New(&otter.Options[Digest, *cacheEntry]{
+		MaximumSize: size,
+		// Otter only reclaims memory here; freshness is decided by Lookup
+		// with loadedAt, on the cache's own clock.
+		ExpiryCalculator: otter.ExpiryWritingFunc(func(otter.Entry[Digest, *cacheEntry]) time.Duration {
+			return time.Duration(max(c.ttl.Load(), c.window.Load()) + c.refresh.Load())
+		}),
+		// Never refreshes by itself; Refresh is called explicitly for
+		// records past TTL, to re-read them with one read per digest while
+		// keeping the old record for the outage window if the read fails.
+		RefreshCalculator: otter.RefreshWriting[Digest, *cacheEntry](100 * 365 * 24 * time.Hour),
+		Logger:            otterLogger{c.obs},
+		Clock:             sharedCoarseClock(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("keystore: cache: %w", err)
+	}
+	c.neg, err = otter.New(&otter.Options[Digest, negEntry]{
+		MaximumSize: size,
+		ExpiryCalculator: otter.ExpiryWritingFunc(func(otter.Entry[Digest, negEntry]) time.Duration {
+			return time.Duration(c.ttl.Load())
+		}),
+		Logger: otterLogger{c.obs},
+		Clock:  sharedCoarseClock(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("keystore: cache: %w", err)
+	}
+	c.loader = otter.LoaderFunc[Digest, *cacheEntry](c.load)
+
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.wg.Add(1)
+	go c.refreshLoop()
+	if c.inval != nil {
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.inval.Subscribe(c.ctx, c.applyRemote, func() { c.flush() })
+		}()
+	}
+	return c, nil
+}
+
+// Configure changes the cache's settings (all but the fields documented as
+// fixed). A shared store is reconfigured on every config reload.
+func (c *CachedStore) Configure(opts CacheOptions) error {
+	ttl := opts.TTL
+	if ttl == 0 {
+		ttl = DefaultCacheTTL
+	}
+	refresh := opts.Refresh
+	if refresh == 0 {
+		refresh = min(DefaultCacheRefresh, ttl/2)
+	}
+	window := opts.OutageWindow
+	if window == 0 {
+		window = DefaultOutageWindow
+	}
+	timeout := opts.StoreTimeout
+	if timeout == 0 {
+		timeout = DefaultCacheStoreTimeout
+	}
+	switch {
+	case opts.Size < 0:
+		return fmt.Errorf("keystore: cache size must not be negative, got %d", opts.Size)
+	case ttl < 0 || refresh < 0 || timeout < 0:
+		return errors.New("keystore: cache durations must not be negative")
+	case refresh >= ttl:
+		return fmt.Errorf("keystore: cache refresh (%s) must be less than its TTL (%s)", refresh, ttl)
+	}
+	c.ttl.Store(int64(ttl))
+	c.refresh.Store(int64(refresh))
+	c.window.Store(int64(window))
+	c.timeout.Store(int64(timeout))
+	c.disabled.Store(opts.Disabled)
+	if c.pos != nil {
+		size := uint64(c.size(opts))
+		if c.pos.GetMaximum() != size {
+			c.pos.SetMaximum(size)
+			c.neg.SetMaximum(size)
+		}
+	}
+	return nil
+}
+
+func (c *CachedStore) size(opts CacheOptions) int {
+	if opts.Size == 0 {
+		return DefaultCacheSize
+	}
+	return opts.Size
+}
+
+// Inner returns the underlying store.
+func (c *CachedStore) Inner() Store { return c.inner }
+
+// Lookup returns the record with digest d and what CacheOptions.Prepare
+// made of it, from the cache when it can (see the file comment), or
+// ErrNotFound, or an error wrapping ErrUnavailable. Like ByDigest it
+// returns revoked and expired records too. The record and the prepared
+// value are shared: the caller must not modify them.
+//
+// ctx only bounds how long the caller waits; each store read is bounded by
+// StoreTimeout and is not cancelled when one of the callers waiting for it
+// goes away.
+func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*Key, any, error) {
+	if c.disabled.Load() {
+		return c.lookupUncached(ctx, d)
+	}
+	now := c.nowNano()
+	gen := c.gen.Load()
+	if e, ok := c.pos.GetIfPresent(d); ok {
+		if c.servable(e, now, gen) {
+			return e.key, e.prepared, nil
+		}
+		// Too old to be served while the store is reachable.
+		age := now - e.loadedAt
+		if !c.down.Load() {
+			c.obs.CacheLookup(LookupMiss)
+			fresh, err := c.reload(ctx, d)
+			if err == nil || errors.Is(err, ErrNotFound) {
+				return entryResult(fresh, err)
+			}
+		}
+		if w := c.window.Load(); w > 0 && e.gen == gen && age < w {
+			c.obs.CacheLookup(LookupOutage)
+			return e.key, e.prepared, nil
+		}
+		c.obs.CacheLookup(LookupUnavailable)
+		return nil, nil, ErrUnavailable
+	}
+	if n, ok := c.neg.GetIfPresent(d); ok && n.gen == gen && now-n.loadedAt < c.ttl.Load() {
+		c.obs.CacheLookup(LookupNegativeHit)
+		return nil, nil, ErrNotFound
+	}
+	if c.down.Load() {
+		c.obs.CacheLookup(LookupUnavailable)
+		return nil, nil, ErrUnavailable
+	}
+	c.obs.CacheLookup(LookupMiss)
+	e, err := c.pos.Get(ctx, d, c.loader)
+	if errors.Is(err, otter.ErrNotFound) {
+		err = ErrNotFound
+	}
+	return entryResult(e, err)
+}
+
+// Peek returns the record with digest d and its prepared value if the
+// cache can serve it as it is (a hit, or a stale record being refreshed),
+// without reading the store; ok is false otherwise. It counts as a lookup
+// (records the use, reports a hit) when it finds one. The record
+// and the prepared value are shared: the caller must not modify them.
+func (c *CachedStore) Peek(d Digest) (k *Key, prepared any, ok bool) {
+	if c.disabled.Load() {
+		return nil, nil, false
+	}
+	e, ok := c.pos.GetIfPresent(d)
+	if !ok || !c.servable(e, c.nowNano(), c.gen.Load()) {
+		return nil, nil, false
+	}
+	return e.key, e.prepared, true
+}
+
+// servable reports whether e may be served without reading the store, and
+// if so records the use and counts the lookup.
+func (c *CachedStore) servable(e *cacheEntry, now int64, gen uint64) bool {
+	if e.gen != gen {
+		return false
+	}
+	if now-e.lastUsed.Load() >= usedResolution {
+		e.lastUsed.Store(now)
+	}
+	age := now - e.loadedAt
+	if age < c.refresh.Load() {
+		c.obs.CacheLookup(LookupHit)
+		return true
+	}
+	if age < c.ttl.Load() {
+		c.obs.CacheLookup(LookupStale)
+		return true
+	}
+	return false
+}
+
+func entryResult(e *cacheEntry, err error) (*Key, any, error) {
+	if err != nil {
+		return nil, nil, err
+	}
+	return e.key, e.prepared, nil
+}
+
+// reload re-reads a cached record that is too old, joining a read of it
+// that is already running. On failure the old record stays cached.
+func (c *CachedStore) reload(ctx context.Context, d Digest) (*cacheEntry, error) {
+	ch := c.pos.Refresh(ctx, d, c.loader)
+	select {
+	case res := <-ch:
+		switch {
+		case res.Err == nil:
+			return res.Value, nil
+		case errors.Is(res.Err, otter.ErrNotFound):
+			return nil, ErrNotFound
+		default:
+			return nil, res.Err
+		}
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: %w", ErrUnavailable, ctx.Err())
+	}
+}
+
+// lookupUncached reads d from the store, for a disabled cache.
+func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (*Key, any, error) {
+	c.obs.CacheLookup(LookupBypass)
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(c.timeout.Load()))
+	defer cancel()
+	start := time.Now()
+	k, err := c.inner.ByDigest(ctx, d)
+	c.obs.StoreCall("by_digest", time.Since(start), err)
+	if err != nil {
+		return nil, nil, err
+	}
+	var prepared any
+	if c.prepare != nil {
+		prepared = c.prepare(k)
+	}
+	return k, prepared, nil
+}
+
+// load reads one record for the cache (otter calls it on a miss and for
+// Refresh, once per digest however many lookups wait for it).
+func (c *CachedStore) load(ctx context.Context, d Digest) (*cacheEntry, error) {
+	gen, seq := c.gen.Load(), c.seq.Load()
+	loadedAt := c.nowNano()
+	// A load of d that found nothing may have finished between the
+	// caller's look at the unknown digests and this load.
+	if n, ok := c.neg.GetIfPresent(d); ok && n.gen == gen && loadedAt-n.loadedAt < c.ttl.Load() {
+		return nil, otter.ErrNotFound
+	}
+	// Not cancelled with the first caller: others may be waiting for it.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Duration(c.timeout.Load()))
+	defer cancel()
+	start := time.Now()
+	k, err := c.inner.ByDigest(ctx, d)
+	c.obs.StoreCall("by_digest", time.Since(start), err)
+	switch {
+	case err == nil:
+		c.markUp()
+		c.neg.Invalidate(d)
+		e := c.newEntry(k, loadedAt, gen)
+		e.lastUsed.Store(loadedAt) // read for a request
+		return e, nil
+	case errors.Is(err, ErrNotFound):
+		c.markUp()
+		// Not remembered if an invalidation (such as the key's creation)
+		// arrived meanwhile.
+		if c.seq.Load() == seq {
+			c.neg.Set(d, negEntry{loadedAt: loadedAt, gen: gen})
+		}
+		return nil, otter.ErrNotFound
+	default:
+		c.markDown(err)
+		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+}
+
+func (c *CachedStore) newEntry(k *Key, loadedAt int64, gen uint64) *cacheEntry {
+	e := &cacheEntry{key: k, loadedAt: loadedAt, gen: gen}
+	if c.prepare != nil {
+		e.prepared = c.prepare(k)
+	}
+	return e
+}
+
+// refreshLoop re-reads, in batches, the records used in the last WarmFor
+// that are older than Refresh, until Close.
+func (c *CachedStore) refreshLoop() {
+	defer c.wg.Done()
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !c.disabled.Load() && !c.down.Load() {
+			c.refreshDue()
+		}
+		t.Reset(min(maxRefreshTick, time.Duration(c.refresh.Load()/2)))
+	}
+}
+
+// refreshDue re-reads every record in use that is older than Refresh.
+func (c *CachedStore) refreshDue() {
+	now, refresh, gen := c.nowNano(), c.refresh.Load(), c.gen.Load()
+	var (
+		due  []Digest
+		olds []*cacheEntry
+	)
+	for d, e := range c.pos.All() {
+		if used := e.lastUsed.Load(); e.gen == gen && used != 0 && now-used < int64(WarmFor) && now-e.loadedAt >= refresh {
+			due = append(due, d)
+			olds = append(olds, e)
+		}
+	}
+	for i := 0; i < len(due) && c.ctx.Err() == nil && !c.down.Load(); i += refreshBatch {
+		j := min(i+refreshBatch, len(due))
+		c.refreshBatch(due[i:j], olds[i:j])
+		runtime.Gosched()
+	}
+}
+
+// refreshBatch re-reads the records of ds and replaces each cached entry
+// that is still the one it was read for (olds): an entry invalidated or
+// replaced meanwhile is left alone.
+func (c *CachedStore) refreshBatch(ds []Digest, olds []*cacheEntry) {
+	gen := c.gen.Load()
+	loadedAt := c.nowNano()
+	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.timeout.Load()))
+	keys, err := c.readMany(ctx, ds)
+	cancel()
+	if err != nil {
+		if c.ctx.Err() == nil {
+			c.markDown(err)
+		}
+		return
+	}
+	c.markUp()
+	for i, d := range ds {
+		old := olds[i]
+		var next *cacheEntry
+		if k := keys[i]; k != nil && k.Digest.Equal(d) {
+			next = c.newEntry(k, loadedAt, gen)
+		}
+		c.pos.ComputeIfPresent(d, func(cur *cacheEntry) (*cacheEntry, otter.ComputeOp) {
+			switch {
+			case cur != old:
+				return cur, otter.CancelOp
+			case next == nil: // gone from the store
+				return cur, otter.InvalidateOp
+			default:
+				next.lastUsed.Store(old.lastUsed.Load())
+				return next, otter.WriteOp
+			}
+		})
+	}
+}
+
+// readMany reads the records of ds, nil where there is none.
+func (c *CachedStore) readMany(ctx context.Context, ds []Digest) ([]*Key, error) {
+	start := time.Now()
+	if c.bulk != nil {
+		keys, err := c.bulk.ByDigests(ctx, ds)
+		c.obs.StoreCall("by_digests", time.Since(start), err)
+		return keys, err
+	}
+	keys := make([]*Key, len(ds))
+	for i, d := range ds {
+		k, err := c.inner.ByDigest(ctx, d)
+		switch {
+		case err == nil:
+			keys[i] = k
+		case !errors.Is(err, ErrNotFound):
+			c.obs.StoreCall("by_digests", time.Since(start), err)
+			return nil, err
+		}
+	}
+	c.obs.StoreCall("by_digests", time.Since(start), nil)
+	return keys, nil
+}
+
+// markDown records that the store failed, and starts probing it.
+func (c *CachedStore) markDown(err error) {
+	if c.down.CompareAndSwap(false, true) {
+		c.obs.StoreHealth(false, err)
+	}
+	if c.probing.CompareAndSwap(false, true) {
+		c.wg.Add(1)
+		go c.probe()
+	}
+}
+
+// observe reports a call of the underlying store; a call that worked also
+// ends an outage at once, without waiting for the probe.
+func (c *CachedStore) observe(op string, start time.Time, err error) {
+	c.obs.StoreCall(op, time.Since(start), err)
+	if err == nil || errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) {
+		c.markUp()
+	}
+}
+
+// markUp records that the store answered.
+func (c *CachedStore) markUp() {
+	if c.down.Load() && c.down.CompareAndSwap(true, false) {
+		c.obs.StoreHealth(true, nil)
+	}
+}
+
+// probe pings the store every probeInterval until it answers (or Close).
+func (c *CachedStore) probe() {
+	defer c.wg.Done()
+	for {
+		c.probeUntilUp()
+		c.probing.Store(false)
+		// A markDown between the last ping and the line above saw probing
+		// set and left the probing to this goroutine.
+		if !c.down.Load() || c.ctx.Err() != nil || !c.probing.CompareAndSwap(false, true) {
+			return
+		}
+	}
+}
+
+func (c *CachedStore) probeUntilUp() {
+	t := time.NewTicker(probeInterval)
+	defer t.Stop()
+	for c.down.Load() {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, min(time.Duration(c.timeout.Load()), 4*probeInterval))
+		err := c.inner.Ping(ctx)
+		cancel()
+		if err == nil {
+			c.markUp()
+		}
+	}
+}
+
+// StoreUp reports whether the store is believed to be reachable.
+func (c *CachedStore) StoreUp() bool { return !c.down.Load() }
+
+// applyRemote applies an invalidation received from the Invalidator.
+func (c *CachedStore) applyRemote(inv Invalidation) {
+	c.seq.Add(1)
+	if inv.Created {
+		if _, ok := c.neg.Invalidate(inv.Digest); ok {
+			c.obs.Invalidated("remote")
+		}
+		return
+	}
+	_, p := c.pos.Invalidate(inv.Digest)
+	_, n := c.neg.Invalidate(inv.Digest)
+	if p || n {
+		c.obs.Invalidated("remote")
+	}
+}
+
+// flush forgets everything: entries read before it are no longer served.
+func (c *CachedStore) flush() {
+	c.gen.Add(1)
+	c.seq.Add(1)
+	c.pos.InvalidateAll()
+	c.neg.InvalidateAll()
+	c.obs.Invalidated("flush")
+}
+
+// Flush drops every cached record and unknown digest.
+func (c *CachedStore) Flush() { c.flush() }
+
+// invalidate drops d locally and tells the other instances.
+func (c *CachedStore) invalidate(ctx context.Context, d Digest) {
+	c.seq.Add(1)
+	c.pos.Invalidate(d)
+	c.neg.Invalidate(d)
+	c.obs.Invalidated("local")
+	c.publish(ctx, Invalidation{Digest: d})
+}
+
+func (c *CachedStore) publish(ctx context.Context, inv Invalidation) {
+	if c.inval == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Duration(c.timeout.Load()))
+	defer cancel()
+	start := time.Now()
+	err := c.inval.Publish(ctx, inv)
+	c.obs.StoreCall("publish", time.Since(start), err)
+	if err != nil {
+		c.obs.Error("publishing a key invalidation failed; other instances may serve the old record until their cache TTL passes", err)
+	}
+}
+
+// ByDigest implements [Store.ByDigest] through the cache. It returns a copy
+// of the record, which the caller may modify.
+func (c *CachedStore) ByDigest(ctx context.Context, d Digest) (*Key, error) {
+	k, _, err := c.Lookup(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	return cloneKey(k), nil
+}
+
+// Create implements [Store.Create]. The new record is cached at once, and
+// the other instances drop any "unknown" they remember for its digest.
+func (c *CachedStore) Create(ctx context.Context, k *Key) error {
+	start := time.Now()
+	loadedAt := c.nowNano()
+	gen := c.gen.Load()
+	err := c.inner.Create(ctx, k)
+	c.observe("create", start, err)
+	if err != nil {
+		return err
+	}
+	c.obs.KeyMinted()
+	c.seq.Add(1)
+	c.neg.Invalidate(k.Digest)
+	if !c.disabled.Load() {
+		c.pos.Set(k.Digest, c.newEntry(cloneKey(k), loadedAt, gen))
+	}
+	c.publish(ctx, Invalidation{Digest: k.Digest, Created: true})
+	return nil
+}
+
+// Revoke implements [Store.Revoke] and invalidates the key everywhere.
+func (c *CachedStore) Revoke(ctx context.Context, id string, at time.Time) (*Key, error) {
+	start := time.Now()
+	k, err := c.inner.Revoke(ctx, id, at)
+	c.observe("revoke", start, err)
+	if err != nil {
+		return nil, err
+	}
+	if k.RevokedAt != nil && k.RevokedAt.Equal(at) {
+		c.obs.KeyRevoked()
+	}
+	c.invalidate(ctx, k.Digest)
+	return k, nil
+}
+
+// Update implements [Store.Update] and invalidates the key everywhere.
+func (c *CachedStore) Update(ctx context.Context, id string, fn func(*Key) error) (*Key, error) {
+	var wasRevoked bool
+	start := time.Now()
+	k, err := c.inner.Update(ctx, id, func(k *Key) error {
+		wasRevoked = k.RevokedAt != nil
+		return fn(k)
+	})
+	c.observe("update", start, err)
+	if err != nil {
+		return nil, err
+	}
+	if !wasRevoked && k.RevokedAt != nil {
+		c.obs.KeyRevoked()
+	}
+	c.invalidate(ctx, k.Digest)
+	return k, nil
+}
+
+// Get implements [Store.Get] (not cached).
+func (c *CachedStore) Get(ctx context.Context, id string) (*Key, error) {
+	start := time.Now()
+	k, err := c.inner.Get(ctx, id)
+	c.observe("get", start, err)
+	return k, err
+}
+
+// List implements [Store.List] (not cached).
+func (c *CachedStore) List(ctx context.Context, owner, cursor string, limit int) ([]*Key, string, error) {
+	start := time.Now()
+	keys, next, err := c.inner.List(ctx, owner, cursor, limit)
+	c.observe("list", start, err)
+	return keys, next, err
+}
+
+// RecordUsage implements [Store.RecordUsage].
+func (c *CachedStore) RecordUsage(ctx context.Context, used map[string]time.Time) error {
+	start := time.Now()
+	err := c.inner.RecordUsage(ctx, used)
+	c.observe("record_usage", start, err)
+	return err
+}
+
+// CountOwner implements [Store.CountOwner].
+func (c *CachedStore) CountOwner(ctx context.Context, owner string) (int, error) {
+	start := time.Now()
+	n, err := c.inner.CountOwner(ctx, owner)
+	c.observe("count_owner", start, err)
+	return n, err
+}
+
+// ReserveIdempotency implements [Store.ReserveIdempotency].
+func (c *CachedStore) ReserveIdempotency(ctx context.Context, id string, rec *IdempotencyRecord, ttl time.Duration) (*IdempotencyRecord, error) {
+	start := time.Now()
+	got, err := c.inner.ReserveIdempotency(ctx, id, rec, ttl)
+	c.observe("reserve_idempotency", start, err)
+	return got, err
+}
+
+// GetIdempotency implements [Store.GetIdempotency].
+func (c *CachedStore) GetIdempotency(ctx context.Context, id string) (*IdempotencyRecord, error) {
+	start := time.Now()
+	rec, err := c.inner.GetIdempotency(ctx, id)
+	c.observe("get_idempotency", start, err)
+	return rec, err
+}
+
+// ReplaceIdempotency implements [Store.ReplaceIdempotency].
+func (c *CachedStore) ReplaceIdempotency(ctx context.Context, id, token string, rec *IdempotencyRecord, ttl time.Duration) error {
+	start := time.Now()
+	err := c.inner.ReplaceIdempotency(ctx, id, token, rec, ttl)
+	c.observe("replace_idempotency", start, err)
+	return err
+}
+
+// DeleteIdempotency implements [Store.DeleteIdempotency].
+func (c *CachedStore) DeleteIdempotency(ctx context.Context, id, token string) error {
+	start := time.Now()
+	err := c.inner.DeleteIdempotency(ctx, id, token)
+	c.observe("delete_idempotency", start, err)
+	return err
+}
+
+// Ping implements [Store.Ping]; a successful ping also ends an outage.
+func (c *CachedStore) Ping(ctx context.Context) error {
+	err := c.inner.Ping(ctx)
+	if err == nil {
+		c.markUp()
+	}
+	return err
+}
+
+// Close stops the background work and closes the underlying store.
+func (c *CachedStore) Close() error {
+	c.closeOnce.Do(func() {
+		c.cancel()
+		c.wg.Wait()
+		c.pos.StopAllGoroutines()
+		c.neg.StopAllGoroutines()
+		c.closeResult = c.inner.Close()
+	})
+	return c.closeResult
+}
+
+// nopObserver discards everything.
+type nopObserver struct{}
+
+func (nopObserver) CacheLookup(LookupResult)               {}
+func (nopObserver) StoreCall(string, time.Duration, error) {}
+func (nopObserver) StoreHealth(bool, error)                {}
+func (nopObserver) Invalidated(string)                     {}
+func (nopObserver) KeyMinted()                             {}
+func (nopObserver) KeyRevoked()                            {}
+func (nopObserver) Error(string, error)                    {}
+
+// otterLogger passes otter's errors (not its warnings, which repeat the
+// store errors the cache reports itself) to the observer.
+type otterLogger struct{ obs CacheObserver }
+
+func (otterLogger) Warn(context.Context, string, error) {}
+func (l otterLogger) Error(_ context.Context, msg string, err error) {
+	l.obs.Error("key cache: "+msg, err)
+}
