@@ -171,9 +171,12 @@ func (h *Handler) mint(w http.ResponseWriter, r *http.Request, owner string, bod
 // holds, marks the record done and answers 201.
 func (h *Handler) finishIdempotent(w http.ResponseWriter, ctx context.Context, id string, rec *keystore.IdempotencyRecord, op *mintOp) error {
 	if aerr := h.executeMint(ctx, op); aerr != nil {
-		// Release the key so a retry runs afresh. If even that fails, the
+		// Release the key so a retry runs afresh, with a fresh deadline:
+		// the failed writes may have used up ctx's. If even that fails, the
 		// pending record lets a retry finish this same key after the lock.
-		if derr := h.store.DeleteIdempotency(ctx, id, rec.Token); derr != nil {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.storeTimeout)
+		defer cancel()
+		if derr := h.store.DeleteIdempotency(dctx, id, rec.Token); derr != nil {
 			h.logger.Warn("releasing idempotency key failed", zap.Error(derr))
 		}
 		return writeError(w, aerr)

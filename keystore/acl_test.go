@@ -11,10 +11,11 @@ import (
 
 // aclRules is the Redis ACL that SECURITY.md recommends for the gateway's
 // user, namespace "apikeys". Keep the two in step.
-var aclRules = strings.Fields(`on >acl-test-password resetkeys ~apikeys:* resetchannels -@all
+var aclRules = strings.Fields(`on >acl-test-password resetkeys ~apikeys:* resetchannels &apikeys:* -@all
 	+hello +ping +get +set +del +zadd +zrange
 	+eval +evalsha +watch +unwatch +multi +exec +wait
-	+zrem +zcard +pexpireat +pttl +persist +pexpire`)
+	+zrem +zcard +pexpireat +pttl +persist +pexpire
+	+mget +publish +subscribe +unsubscribe`)
 
 // aclClusterRules are added on a Redis Cluster.
 var aclClusterRules = []string{"+cluster|slots", "+command"}
@@ -59,6 +60,43 @@ func TestRedisACLConformance(t *testing.T) {
 			Namespace: fmt.Sprintf("apikeys:t%d", redisNamespaces.Add(1)),
 		})
 	}})
+	// The cache's pub/sub works as this user: a revocation through one
+	// cached store reaches another at once.
+	t.Run("invalidation", func(t *testing.T) {
+		ns := fmt.Sprintf("apikeys:t%d", redisNamespaces.Add(1))
+		cached := func() *CachedStore {
+			inner := newRedisStoreURLs(t, []string{url}, RedisOptions{Namespace: ns})
+			c, err := NewCachedStore(inner, CacheOptions{Invalidator: NewRedisInvalidator(inner), TTL: time.Minute, Refresh: 30 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = c.Close() })
+			return c
+		}
+		a, b := cached(), cached()
+		k := newKey(t, "alice", time.Now())
+		if err := a.Create(ctxT(t), k); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond) // let both subscriptions settle
+		if got, err := b.ByDigest(ctxT(t), k.Digest); err != nil || !got.Active(time.Now()) {
+			t.Fatalf("b does not see the key: %v", err)
+		}
+		if _, err := a.Revoke(ctxT(t), k.ID, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(2 * time.Second)
+		for {
+			got, err := b.ByDigest(ctxT(t), k.Digest)
+			if err == nil && !got.Active(time.Now()) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("b still serves the revoked key after 2s (TTL is 1m): the invalidation did not arrive (%v)", err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
 	t.Run("outside the namespace", func(t *testing.T) {
 		s := newRedisStoreURLs(t, []string{url}, RedisOptions{Namespace: "other"})
 		if err := s.Create(ctxT(t), newKey(t, "alice", time.Now())); err == nil || !strings.Contains(err.Error(), "NOPERM") {
