@@ -37,7 +37,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			retention <duration>
 //			wait_replicas <n> [<timeout>]
 //		}
-//		secret <placeholder>
+//		secret <placeholder> [<previous-placeholder>...]
 //		key_prefix <prefix>
 //		management_path <path>
 //		dashboard_jwt {
@@ -100,11 +100,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 		case "secret":
-			v, err := secretArg(d)
+			vals, err := secretArgs(d)
 			if err != nil {
 				return err
 			}
-			h.Secret = v
+			h.Secret, h.PreviousSecrets = vals[0], vals[1:]
 		case "key_prefix":
 			if err := singleArg(d, &h.KeyPrefix); err != nil {
 				return err
@@ -416,6 +416,22 @@ func unmarshalScopeRule(d *caddyfile.Dispenser) (ScopeRule, error) {
 		return ScopeRule{}, d.Errf("scope %s: at least one path is required", args[0])
 	}
 	return rule, nil
+}
+
+// secretArgs reads one or more secrets, which must be placeholders.
+func secretArgs(d *caddyfile.Dispenser) ([]string, error) {
+	name := d.Val()
+	vals := d.RemainingArgs()
+	if len(vals) == 0 {
+		return nil, d.ArgErr()
+	}
+	for _, v := range vals {
+		if !isPlaceholder(v) {
+			// Never echo v: it may be the secret itself.
+			return nil, d.Errf("%s must be a placeholder such as {env.APIKEYS_SECRET} or {file./run/secrets/apikeys}, so the secret never lands in the adapted config", name)
+		}
+	}
+	return vals, nil
 }
 
 // secretArg reads a secret, which must be a placeholder.

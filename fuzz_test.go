@@ -202,6 +202,11 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		if err := h.UnmarshalCaddyfile(d); err != nil {
 			return
 		}
+		for _, ps := range h.PreviousSecrets {
+			if !isPlaceholder(ps) {
+				t.Fatalf("a previous secret is not a placeholder: %q", ps)
+			}
+		}
 		if h.Secret != "" && !isPlaceholder(h.Secret) {
 			t.Fatalf("accepted a literal secret")
 		}

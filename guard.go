@@ -80,6 +80,10 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		// A miss reads the store, bounded by store_timeout.
 		var err error
 		key, prepared, err = h.cache.Lookup(r.Context(), digest)
+		if errors.Is(err, keystore.ErrNotFound) && len(h.oldHashers) > 0 {
+			// Minted under a secret being rotated out?
+			digest, key, prepared, err = h.lookupPrevious(r, token)
+		}
 		switch {
 		case errors.Is(err, keystore.ErrNotFound):
 			validationUnknown.Inc()
@@ -157,6 +161,23 @@ func newKeyIdentity(k *keystore.Key) *keyIdentity {
 
 // prepareIdentity is the cache's Prepare function.
 func prepareIdentity(k *keystore.Key) any { return newKeyIdentity(k) }
+
+// lookupPrevious looks a key up under the previous secrets' digests, after
+// the current secret's gave ErrNotFound. Unknown digests are remembered by
+// the cache, so a fake key costs each secret one store read at most.
+func (h *Handler) lookupPrevious(r *http.Request, token string) (keystore.Digest, *keystore.Key, any, error) {
+	err := keystore.ErrNotFound
+	for _, old := range h.oldHashers {
+		d := old.Digest(token)
+		var key *keystore.Key
+		var prepared any
+		key, prepared, err = h.cache.Lookup(r.Context(), d)
+		if !errors.Is(err, keystore.ErrNotFound) {
+			return d, key, prepared, err
+		}
+	}
+	return keystore.Digest{}, nil, nil, err
+}
 
 // stripIdentityHeaders removes client-sent copies of the identity headers.
 // It runs on every guarded request before anything else. Names that differ

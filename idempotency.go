@@ -331,18 +331,27 @@ func newSealer(secret []byte) (cipher.AEAD, error) {
 
 // seal encrypts a response body, bound to its record id.
 func (h *Handler) seal(id string, plain []byte) []byte {
-	nonce := make([]byte, h.sealer.NonceSize(), h.sealer.NonceSize()+len(plain)+h.sealer.Overhead())
+	sealer := h.sealers[0]
+	nonce := make([]byte, sealer.NonceSize(), sealer.NonceSize()+len(plain)+sealer.Overhead())
 	_, _ = rand.Read(nonce) // crypto/rand.Read never fails
-	return h.sealer.Seal(nonce, nonce, plain, []byte(id))
+	return sealer.Seal(nonce, nonce, plain, []byte(id))
 }
 
-// open decrypts what seal produced.
+// open decrypts what seal produced, under the current or a previous
+// secret.
 func (h *Handler) open(id string, sealed []byte) ([]byte, error) {
-	n := h.sealer.NonceSize()
-	if len(sealed) < n {
-		return nil, errors.New("apikeys: sealed record too short")
+	var err error
+	for _, sealer := range h.sealers {
+		n := sealer.NonceSize()
+		if len(sealed) < n {
+			return nil, errors.New("apikeys: sealed record too short")
+		}
+		var plain []byte
+		if plain, err = sealer.Open(nil, sealed[:n], sealed[n:], []byte(id)); err == nil {
+			return plain, nil
+		}
 	}
-	return h.sealer.Open(nil, sealed[:n], sealed[n:], []byte(id))
+	return nil, err
 }
 
 func randomToken() (string, error) {

@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"crypto/cipher"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -219,7 +220,9 @@ func sealedPending(t *testing.T, s keystore.Store, owner, idemKey, body string, 
 	if h.hasher, err = keystore.NewHasher([]byte(testSecret)); err != nil {
 		t.Fatal(err)
 	}
-	if h.sealer, err = newSealer([]byte(testSecret)); err != nil {
+	sealer, err := newSealer([]byte(testSecret))
+	h.sealers = []cipher.AEAD{sealer}
+	if err != nil {
 		t.Fatal(err)
 	}
 	key, raw, err := h.newKey(owner, createRequest{Name: "ci", Scopes: []string{"analytics:read"}, ExpiresInDays: 30})

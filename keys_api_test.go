@@ -626,3 +626,47 @@ func TestRetention(t *testing.T) {
 		t.Errorf("GET of a cleaned-up key: %d", resp.status)
 	}
 }
+
+// TestSecretRotation: with `secret {new} {old}`, keys minted under the old
+// secret keep validating and old idempotent replays still open, while new
+// keys use the new secret only; dropping the old secret retires its keys.
+func TestSecretRotation(t *testing.T) {
+	t.Setenv("APIKEYS_TEST_SECRET_NEW", "rotated-store-secret-0123456789abcdef0123456789")
+	for _, kind := range []string{"file", "redis"} {
+		t.Run(kind, func(t *testing.T) {
+			g := startGateway(t, kind, "")
+			alice := dashboardToken(t, "alice")
+			old := g.create("alice", `{"name":"old"}`)
+			first := g.do(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"idem"}`, header: idem("before-rotation")})
+			if first.status != 201 {
+				t.Fatalf("idempotent create: %d", first.status)
+			}
+
+			g.secretLine = "secret {env.APIKEYS_TEST_SECRET_NEW} {env.APIKEYS_TEST_SECRET}"
+			if err := g.load(""); err != nil {
+				t.Fatal(err)
+			}
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: old.Key}); r.status != 200 {
+				t.Fatalf("key minted under the previous secret: %d %s", r.status, r.body)
+			}
+			replay := g.do(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"idem"}`, header: idem("before-rotation")})
+			if replay.status != 201 || replay.header.Get("Idempotent-Replayed") != "true" || string(replay.body) != string(first.body) {
+				t.Fatalf("replay sealed under the previous secret: %d %s", replay.status, replay.body)
+			}
+			fresh := g.create("alice", `{"name":"new"}`)
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: fresh.Key}); r.status != 200 {
+				t.Fatalf("key minted under the new secret: %d", r.status)
+			}
+			g.secretLine = "secret {env.APIKEYS_TEST_SECRET_NEW}"
+			if err := g.load(""); err != nil {
+				t.Fatal(err)
+			}
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: fresh.Key}); r.status != 200 {
+				t.Errorf("new key after the old secret is dropped: %d", r.status)
+			}
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: old.Key}); r.status != 401 {
+				t.Errorf("old-secret key after the old secret is dropped: %d", r.status)
+			}
+		})
+	}
+}

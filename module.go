@@ -60,6 +60,13 @@ type Handler struct {
 	// database file (mode 0600).
 	Secret string `json:"secret,omitempty"`
 
+	// PreviousSecrets are secrets being rotated out, placeholders like
+	// Secret. Keys minted under them keep validating and idempotent
+	// replays sealed under them still open, but new keys and replays use
+	// Secret only. Drop a previous secret once the keys minted under it
+	// are rotated or expired.
+	PreviousSecrets []string `json:"previous_secrets,omitempty"`
+
 	// KeyPrefix starts every minted key. Default: "wbk_".
 	KeyPrefix string `json:"key_prefix,omitempty"`
 
@@ -125,8 +132,9 @@ type Handler struct {
 	store        keystore.Store
 	cache        *keystore.CachedStore // the same store, for the guard's lookups
 	storePoolKey string
-	hasher       *keystore.Hasher
-	sealer       cipher.AEAD
+	hasher       *keystore.Hasher   // the current secret's
+	oldHashers   []*keystore.Hasher // PreviousSecrets', to verify only
+	sealers      []cipher.AEAD      // current first; the others open only
 	verifier     *jwtauth.Verifier
 	rules        []compiledRule
 	declared     map[string]struct{}
@@ -291,14 +299,36 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 	if secret == nil {
 		secret = autoSecret
 	}
-	if len(secret) < 32 {
-		return fmt.Errorf("apikeys: secret must be at least 32 bytes, got %d", len(secret))
+	secrets := [][]byte{secret}
+	for i, ps := range h.PreviousSecrets {
+		old, err := resolveSecret(repl, fmt.Sprintf("previous secret %d", i+1), ps)
+		if err != nil {
+			return err
+		}
+		if old == nil {
+			return fmt.Errorf("apikeys: previous secret %d is empty", i+1)
+		}
+		secrets = append(secrets, old)
 	}
-	if h.hasher, err = keystore.NewHasher(secret); err != nil {
-		return fmt.Errorf("apikeys: %w", err)
-	}
-	if h.sealer, err = newSealer(secret); err != nil {
-		return err
+	h.oldHashers, h.sealers = nil, nil
+	for i, sec := range secrets {
+		if len(sec) < 32 {
+			return fmt.Errorf("apikeys: every secret must be at least 32 bytes, secret %d has %d", i+1, len(sec))
+		}
+		hasher, err := keystore.NewHasher(sec)
+		if err != nil {
+			return fmt.Errorf("apikeys: %w", err)
+		}
+		sealer, err := newSealer(sec)
+		if err != nil {
+			return err
+		}
+		if i == 0 {
+			h.hasher = hasher
+		} else {
+			h.oldHashers = append(h.oldHashers, hasher)
+		}
+		h.sealers = append(h.sealers, sealer)
 	}
 	return nil
 }
