@@ -42,10 +42,10 @@ func writeChart(path string, r *report) error {
 	for _, s := range r.Configs {
 		names = append(names, s.Label)
 		rps, rpsLo, rpsHi = append(rps, s.RPS), append(rpsLo, s.RPSMin), append(rpsHi, s.RPSMax)
-		p99, p99Lo, p99Hi = append(p99, us64(s.P99)), append(p99Lo, us64(s.P99Min)), append(p99Hi, us64(s.P99Max))
+		p99, p99Lo, p99Hi = append(p99, ms(s.P99)), append(p99Lo, ms(s.P99Min)), append(p99Hi, ms(s.P99Max))
 	}
 	panel(img, image.Rect(20, 50, 490, 440), "PEAK THROUGHPUT (REQ/S)", names, rps, rpsLo, rpsHi)
-	panel(img, image.Rect(510, 50, 980, 440), fmt.Sprintf("P99 LATENCY AT %.0f REQ/S (US)", r.Rate), names, p99, p99Lo, p99Hi)
+	panel(img, image.Rect(510, 50, 980, 440), fmt.Sprintf("P99 LATENCY AT %.0f REQ/S (MS)", r.Rate), names, p99, p99Lo, p99Hi)
 
 	f, err := os.Create(path)
 	if err != nil {
@@ -58,12 +58,12 @@ func writeChart(path string, r *report) error {
 	return f.Close()
 }
 
-func us64(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 // panel draws a titled bar chart of vals (with lo-hi whiskers) in area.
 func panel(img *image.RGBA, area image.Rectangle, title string, names []string, vals, lo, hi []float64) {
 	drawText(img, area.Min.X, area.Min.Y, title, colInk)
-	plot := image.Rect(area.Min.X+10, area.Min.Y+30, area.Max.X-10, area.Max.Y-40)
+	plot := image.Rect(area.Min.X+70, area.Min.Y+40, area.Max.X-10, area.Max.Y-40)
 	top := 0.0
 	for _, v := range hi {
 		top = max(top, v)
@@ -73,9 +73,8 @@ func panel(img *image.RGBA, area image.Rectangle, title string, names []string, 
 	for i := 0; i <= 4; i++ {
 		y := plot.Max.Y - i*plot.Dy()/4
 		fill(img, image.Rect(plot.Min.X, y, plot.Max.X, y+1), colGrid)
-		if i > 0 {
-			drawText(img, plot.Min.X+2, y+3, short(top*float64(i)/4), colGrid)
-		}
+		label := short(top * float64(i) / 4)
+		drawText(img, plot.Min.X-8-textWidth(label), y-7, label, colInk)
 	}
 	fill(img, image.Rect(plot.Min.X, plot.Max.Y, plot.Max.X, plot.Max.Y+2), colInk)
 	n := len(vals)
@@ -110,7 +109,7 @@ func niceCeil(v float64) float64 {
 	for p > v {
 		p /= 10
 	}
-	for _, m := range []float64{1, 2, 2.5, 5, 10} {
+	for _, m := range []float64{1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10} {
 		if p*m >= v {
 			return p * m
 		}
