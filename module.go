@@ -194,11 +194,11 @@ type IdentityHeaders struct {
 // A record is served from the cache for up to TTL after it was read from
 // the store; records used in the last 5 minutes are re-read in the
 // background (in batches) from Refresh on, so requests do not wait for the
-// store. Writes through any instance (a
-// create, a revocation) reach every instance's cache at once over Redis
-// pub/sub; TTL bounds staleness if a message is lost. While the store is
-// unreachable, records read less than OutageWindow ago keep validating and
-// any other key gets 503 store_unavailable at once.
+// store. Writes through any instance (a create, a revocation) reach every
+// instance's cache at once over Redis pub/sub; TTL bounds staleness if a
+// message is lost. While the store is unreachable, records read less than
+// OutageWindow ago keep validating and any other key gets 503
+// store_unavailable at once.
 type CacheConfig struct {
 	// Disabled turns the cache off: every guarded request reads the store.
 	// Default: false.
@@ -210,8 +210,8 @@ type CacheConfig struct {
 	// cache after it was read from a reachable store. Default: 10s.
 	TTL caddy.Duration `json:"ttl,omitempty"`
 	// Refresh is the age from which a record used in the last 5 minutes is
-	// re-read in the background, while the cached one is still served. It must be less
-	// than TTL. Default: 5s, or half of TTL if that is less.
+	// re-read in the background, while the cached one is still served. It
+	// must be less than TTL. Default: 5s, or half of TTL if that is less.
 	Refresh caddy.Duration `json:"refresh,omitempty"`
 	// OutageWindow is how long after it was last read from the store a
 	// record keeps validating while the store is unreachable; 0 disables

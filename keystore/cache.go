@@ -40,6 +40,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -224,7 +225,9 @@ type CacheObserver interface {
 // Lookup and the writes go straight to the underlying store.
 type CachedStore struct {
 	inner       Store
-	bulk        bulkReader // inner, if it reads many digests at once
+	bulk        bulkReader    // inner, if it reads many digests at once
+	raw         rawBulkReader // inner, if it can also hand them undecoded
+	seed        maphash.Seed  // of the records' checksums
 	pos         *otter.Cache[Digest, *cacheEntry]
 	neg         *otter.Cache[Digest, negEntry]
 	loader      otter.Loader[Digest, *cacheEntry]
@@ -256,6 +259,7 @@ type cacheEntry struct {
 	loadedAt int64        // unix nanoseconds when the store read started
 	gen      uint64       // the flush generation it was read in
 	lastUsed atomic.Int64 // unix nanoseconds, to usedResolution; 0: never
+	sum      uint64       // maphash of the stored record, if read raw; 0: unknown
 }
 
 // negEntry remembers that a digest was not in the store.
@@ -270,6 +274,16 @@ type bulkReader interface {
 	// ByDigests returns the records of ds, in order, with nil for a digest
 	// that has no record.
 	ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
+}
+
+// rawBulkReader is implemented by stores that can hand records undecoded:
+// a background refresh then decodes only the records that changed.
+type rawBulkReader interface {
+	// RawByDigests returns the stored records of ds, in order, with "" for
+	// a digest that has no record.
+	RawByDigests(ctx context.Context, ds []Digest) ([]string, error)
+	// DecodeRecord decodes a record RawByDigests returned for d.
+	DecodeRecord(d Digest, raw string) (*Key, error)
 }
 
 var _ Store = (*CachedStore)(nil)
@@ -288,6 +302,8 @@ func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
 		c.nowNano = sharedCoarseClock().NowNano
 	}
 	c.bulk, _ = inner.(bulkReader)
+	c.raw, _ = inner.(rawBulkReader)
+	c.seed = maphash.MakeSeed()
 	if err := c.Configure(opts); err != nil {
 		return nil, err
 	}
@@ -606,12 +622,13 @@ func (c *CachedStore) refreshDue() {
 
 // refreshBatch re-reads the records of ds and replaces each cached entry
 // that is still the one it was read for (olds): an entry invalidated or
-// replaced meanwhile is left alone.
+// replaced meanwhile is left alone. A record that has not changed since it
+// was last read raw (same checksum) is not decoded again.
 func (c *CachedStore) refreshBatch(ds []Digest, olds []*cacheEntry) {
 	gen := c.gen.Load()
 	loadedAt := c.nowNano()
 	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.timeout.Load()))
-	keys, err := c.readMany(ctx, ds)
+	nexts, err := c.readBatch(ctx, ds, olds, loadedAt, gen)
 	cancel()
 	if err != nil {
 		if c.ctx.Err() == nil {
@@ -621,16 +638,12 @@ func (c *CachedStore) refreshBatch(ds []Digest, olds []*cacheEntry) {
 	}
 	c.markUp()
 	for i, d := range ds {
-		old := olds[i]
-		var next *cacheEntry
-		if k := keys[i]; k != nil && k.Digest.Equal(d) {
-			next = c.newEntry(k, loadedAt, gen)
-		}
+		old, next := olds[i], nexts[i]
 		c.pos.ComputeIfPresent(d, func(cur *cacheEntry) (*cacheEntry, otter.ComputeOp) {
 			switch {
 			case cur != old:
 				return cur, otter.CancelOp
-			case next == nil: // gone from the store
+			case next == nil: // gone from the store, or unreadable
 				return cur, otter.InvalidateOp
 			default:
 				next.lastUsed.Store(old.lastUsed.Load())
@@ -638,6 +651,48 @@ func (c *CachedStore) refreshBatch(ds []Digest, olds []*cacheEntry) {
 			}
 		})
 	}
+}
+
+// readBatch reads the records of ds from the store and returns the entries
+// to replace olds with (nil where a record is gone or cannot be decoded).
+func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []*cacheEntry, loadedAt int64, gen uint64) ([]*cacheEntry, error) {
+	nexts := make([]*cacheEntry, len(ds))
+	if c.raw == nil {
+		keys, err := c.readMany(ctx, ds)
+		if err != nil {
+			return nil, err
+		}
+		for i, k := range keys {
+			if k != nil && k.Digest.Equal(ds[i]) {
+				nexts[i] = c.newEntry(k, loadedAt, gen)
+			}
+		}
+		return nexts, nil
+	}
+	start := time.Now()
+	raws, err := c.raw.RawByDigests(ctx, ds)
+	c.obs.StoreCall("by_digests", time.Since(start), err)
+	if err != nil {
+		return nil, err
+	}
+	for i, raw := range raws {
+		if raw == "" {
+			continue
+		}
+		sum := maphash.String(c.seed, raw)
+		if old := olds[i]; old.sum == sum {
+			nexts[i] = &cacheEntry{key: old.key, prepared: old.prepared, loadedAt: loadedAt, gen: gen, sum: sum}
+			continue
+		}
+		k, err := c.raw.DecodeRecord(ds[i], raw)
+		if err != nil {
+			c.obs.Error("key cache: a stored key record cannot be decoded; dropped from the cache", err)
+			continue
+		}
+		nexts[i] = c.newEntry(k, loadedAt, gen)
+		nexts[i].sum = sum
+	}
+	return nexts, nil
 }
 
 // readMany reads the records of ds, nil where there is none.

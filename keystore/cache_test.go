@@ -343,16 +343,37 @@ func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 		mgets := commandCalls(t, f.rdb, "mget")
 		waitFor(t, "a background refresh", func() bool { return commandCalls(t, f.rdb, "mget") > mgets })
 	}
-	if e, _ := f.cache.pos.GetIfPresent(k.Digest); f.clock.Now().UnixNano()-e.loadedAt >= int64(time.Second) {
+	e, _ := f.cache.pos.GetIfPresent(k.Digest)
+	if f.clock.Now().UnixNano()-e.loadedAt >= int64(time.Second) {
 		t.Error("the record in use was not kept fresh")
 	}
+
+	// An unchanged record is not decoded again; a changed one is.
+	f.clock.Advance(time.Second)
+	mgets := commandCalls(t, f.rdb, "mget")
+	waitFor(t, "a background refresh", func() bool { return commandCalls(t, f.rdb, "mget") > mgets })
+	waitFor(t, "the refreshed entry", func() bool {
+		e2, _ := f.cache.pos.GetIfPresent(k.Digest)
+		return e2 != e
+	})
+	if e2, _ := f.cache.pos.GetIfPresent(k.Digest); e2.key != e.key {
+		t.Error("an unchanged record was decoded again")
+	}
+	if _, err := f.raw.Revoke(context.Background(), k.ID, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Advance(time.Second)
+	waitFor(t, "the background refresh to pick up the change", func() bool {
+		e2, _ := f.cache.pos.GetIfPresent(k.Digest)
+		return e2.key.RevokedAt != nil
+	})
 	if e, _ := f.cache.pos.GetIfPresent(unused.Digest); e != created {
 		t.Error("a record never used was re-read")
 	}
 
 	f.clock.Advance(WarmFor)
 	time.Sleep(300 * time.Millisecond) // a refresh already under way ends
-	mgets := commandCalls(t, f.rdb, "mget")
+	mgets = commandCalls(t, f.rdb, "mget")
 	time.Sleep(300 * time.Millisecond) // several loop ticks
 	if n := commandCalls(t, f.rdb, "mget") - mgets; n != 0 {
 		t.Errorf("%d MGETs for records unused for %v, want 0", n, WarmFor)

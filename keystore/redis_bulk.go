@@ -1,7 +1,7 @@
 package keystore
 
 // This file lets a CachedStore re-read many records from Redis in one round
-// trip (see bulkReader in cache.go).
+// trip (see rawBulkReader in cache.go).
 
 import (
 	"context"
@@ -12,11 +12,32 @@ import (
 )
 
 // ByDigests returns the records of ds, in order, with nil for a digest that
-// has no record. On a standalone server it is one MGET; on a cluster, where
-// MGET needs every key in one hash slot, it is one pipeline of GETs (sent
-// to each node in one batch).
+// has no record (see [RedisStore.RawByDigests]).
 func (s *RedisStore) ByDigests(ctx context.Context, ds []Digest) ([]*Key, error) {
+	raws, err := s.RawByDigests(ctx, ds)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]*Key, len(ds))
+	for i, raw := range raws {
+		if raw == "" {
+			continue
+		}
+		if out[i], err = s.DecodeRecord(ds[i], raw); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// RawByDigests returns the stored records of ds, undecoded, in order, with
+// "" for a digest that has no record. On a standalone server it is one
+// MGET; on a cluster, where MGET needs every key in one hash slot, it is one
+// pipeline of GETs (sent to each node in one batch). A caller that already
+// holds a record can compare the raw forms and skip decoding an unchanged
+// one.
+func (s *RedisStore) RawByDigests(ctx context.Context, ds []Digest) ([]string, error) {
+	out := make([]string, len(ds))
 	if len(ds) == 0 {
 		return out, nil
 	}
@@ -24,8 +45,6 @@ func (s *RedisStore) ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
 	for i, d := range ds {
 		names[i] = s.digestKey(d.String())
 	}
-	vals := make([]string, len(ds))
-	found := make([]bool, len(ds))
 	if _, cluster := s.c.(*redis.ClusterClient); cluster {
 		cmds := make([]*redis.StringCmd, len(names))
 		_, err := s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
@@ -44,32 +63,31 @@ func (s *RedisStore) ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
 			case err != nil:
 				return nil, fmt.Errorf("keystore: redis get keys: %w", err)
 			default:
-				vals[i], found[i] = v, true
+				out[i] = v
 			}
 		}
-	} else {
-		res, err := s.c.MGet(ctx, names...).Result()
-		if err != nil {
-			return nil, fmt.Errorf("keystore: redis get keys: %w", err)
-		}
-		for i, v := range res {
-			if str, ok := v.(string); ok {
-				vals[i], found[i] = str, true
-			}
-		}
+		return out, nil
 	}
-	for i := range ds {
-		if !found[i] {
-			continue
+	res, err := s.c.MGet(ctx, names...).Result()
+	if err != nil {
+		return nil, fmt.Errorf("keystore: redis get keys: %w", err)
+	}
+	for i, v := range res {
+		if str, ok := v.(string); ok {
+			out[i] = str
 		}
-		k, err := decodeKey([]byte(vals[i]))
-		if err != nil {
-			return nil, err
-		}
-		if !k.Digest.Equal(ds[i]) {
-			return nil, errors.New("keystore: stored key record does not match its digest")
-		}
-		out[i] = k
 	}
 	return out, nil
+}
+
+// DecodeRecord decodes a record returned by RawByDigests for digest d.
+func (s *RedisStore) DecodeRecord(d Digest, raw string) (*Key, error) {
+	k, err := decodeKey([]byte(raw))
+	if err != nil {
+		return nil, err
+	}
+	if !k.Digest.Equal(d) {
+		return nil, errors.New("keystore: stored key record does not match its digest")
+	}
+	return k, nil
 }
