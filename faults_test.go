@@ -413,6 +413,7 @@ http://127.0.0.1:%[1]d {
 	apikeys {
 		store file %[2]s
 		secret {env.APIKEYS_TEST_SECRET}
+		max_keys_per_owner 100000
 		dashboard_jwt {
 			secret {env.APIKEYS_TEST_JWT_SECRET}
 			issuer %[3]s
