@@ -131,7 +131,8 @@ func TestIdempotency(t *testing.T) {
 func TestIdempotencyConcurrent(t *testing.T) {
 	for _, kind := range storeKinds {
 		t.Run(kind, func(t *testing.T) {
-			g := startGateway(t, kind, "")
+			// 200 concurrent requests on 2 busy cores: allow the store time.
+			g := startGateway(t, kind, "store_timeout 5s")
 			g.client.Transport = &http.Transport{MaxIdleConnsPerHost: 200}
 			token := dashboardToken(t, "carol")
 			body := `{"name":"burst"}`
