@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -101,7 +103,8 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			return writeError(w, errStoreUnavailable)
 		}
 	}
-	if now := h.now(); !key.Digest.Equal(digest) || !key.Active(now) {
+	now := h.now()
+	if !key.Digest.Equal(digest) || !key.Active(now) {
 		switch {
 		case !key.Digest.Equal(digest):
 			validationUnknown.Inc()
@@ -140,7 +143,9 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		repl.Set("http.auth.apikey.id", id.id)
 		repl.Set("http.auth.apikey.scopes", id.scopesValue)
 	}
-	h.usage.touch(key.ID, h.now())
+	if id.noteUse(now) {
+		h.usage.touch(key.ID, now)
+	}
 	validationAccepted.Inc()
 	h.debug("api key accepted", key)
 	return next.ServeHTTP(w, r)
@@ -152,6 +157,16 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 type keyIdentity struct {
 	scopes                 string // header value: space-separated, or "*"
 	id, owner, scopesValue any    // the placeholders' values
+	lastUse                atomic.Int64
+}
+
+// noteUse reports whether a use at now should be passed to the last-used
+// recorder: once per second per cached record, so the hot path mostly
+// skips the recorder's lock (last_used_at has second precision).
+func (id *keyIdentity) noteUse(now time.Time) bool {
+	sec := now.Unix()
+	last := id.lastUse.Load()
+	return sec != last && id.lastUse.CompareAndSwap(last, sec)
 }
 
 func newKeyIdentity(k *keystore.Key) *keyIdentity {
@@ -183,10 +198,20 @@ func (h *Handler) lookupPrevious(r *http.Request, token string) (keystore.Digest
 // It runs on every guarded request before anything else. Names that differ
 // only in case or in '_' or '.' for '-' (X_Api_Key_Owner) go too: CGI,
 // FastCGI (php_fastcgi) and WSGI backends read them all as
-// HTTP_X_API_KEY_OWNER. (Caddy drops such names by default, but an
-// operator may allow them with expected_underscore_headers.)
+// HTTP_X_API_KEY_OWNER. Caddy drops every header name with '_' or '.'
+// unless the server allowlists some (expected_underscore_headers,
+// expected_dot_headers), so only then is the slower scan needed; header
+// keys of a parsed request are canonical, so case variants are caught by
+// the plain deletes.
 func (h *Handler) stripIdentityHeaders(r *http.Request) {
 	ids := h.IdentityHeaders
+	delete(r.Header, ids.ID)
+	delete(r.Header, ids.Owner)
+	delete(r.Header, ids.Scopes)
+	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok &&
+		len(srv.ExpectedUnderscoreHeaders) == 0 && len(srv.ExpectedDotHeaders) == 0 {
+		return
+	}
 	for name := range r.Header {
 		if sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes) {
 			delete(r.Header, name)

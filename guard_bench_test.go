@@ -39,7 +39,8 @@ func benchHandler(b *testing.B, store *StoreConfig, cache *CacheConfig) *Handler
 		ScopeRules: []ScopeRule{{Scope: "analytics:read", Methods: []string{"GET"}, Paths: []string{"/v1/analytics/*"}}},
 		Cache:      cache,
 	}
-	if err := h.Provision(ctx); err != nil {
+	// No running config, so no events app: key changes are not emitted.
+	if err := h.provision(ctx, nil); err != nil {
 		b.Fatal(err)
 	}
 	if err := h.Validate(); err != nil {
@@ -80,6 +81,8 @@ func newBenchRequest(b *testing.B, path, key string) *benchRequest {
 	}
 	repl := caddy.NewReplacer()
 	r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, repl))
+	// As in Caddy: the server (default options) is in the context.
+	r = r.WithContext(context.WithValue(r.Context(), caddyhttp.ServerCtxKey, new(caddyhttp.Server)))
 	r.Header.Set("User-Agent", "bench")
 	r.Header.Set("Accept", "*/*")
 	return &benchRequest{r: r, auth: []string{"Bearer " + key}}

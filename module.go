@@ -242,7 +242,19 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision resolves secrets, opens (or reuses) the store and prepares the
 // JWT verifier and scope rules.
 func (h *Handler) Provision(ctx caddy.Context) error {
+	eventsApp, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("apikeys: loading events app: %w", err)
+	}
+	return h.provision(ctx, eventsApp.(*caddyevents.App))
+}
+
+// provision is Provision with the events app given (nil: key changes are
+// logged but emit no events), so that a handler can also be set up outside
+// a running Caddy config, as the benchmarks do.
+func (h *Handler) provision(ctx caddy.Context, events *caddyevents.App) error {
 	h.ctx = ctx
+	h.events = events
 	if err := h.provisionCore(ctx, ctx.Logger()); err != nil {
 		return err
 	}
@@ -253,11 +265,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 	}
-	eventsApp, err := ctx.App("events")
-	if err != nil {
-		return fmt.Errorf("apikeys: loading events app: %w", err)
-	}
-	h.events = eventsApp.(*caddyevents.App)
 	h.usage = newUsageRecorder(h.store, time.Duration(h.LastUsedInterval), h.logger)
 	return nil
 }
