@@ -429,3 +429,11 @@ func loadEnvFile(path string) error {
 	}
 	return sc.Err()
 }
+
+// scopeString renders a key's scopes as the identity header does.
+func scopeString(k *keystore.Key) string {
+	if k.FullAccess() {
+		return keystore.FullAccessScopes
+	}
+	return strings.Join(k.Scopes, " ")
+}

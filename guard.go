@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
-	"sync/atomic"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -72,7 +70,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 
 	// A record in the cache proves the key was minted: the full check of
 	// its characters and checksum is only needed before other lookups.
-	key, prepared, cached := h.cache.Peek(digest)
+	key, cached := h.cache.Peek(digest)
 	if !cached {
 		if keystore.Check(h.KeyPrefix, token) != nil {
 			// Malformed or a typo: refused without a store lookup.
@@ -81,10 +79,10 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		}
 		// A miss reads the store, bounded by store_timeout.
 		var err error
-		key, prepared, err = h.cache.Lookup(r.Context(), digest)
+		key, err = h.cache.Lookup(r.Context(), digest)
 		if errors.Is(err, keystore.ErrNotFound) && len(h.oldHashers) > 0 {
 			// Minted under a secret being rotated out?
-			digest, key, prepared, err = h.lookupPrevious(r, token)
+			key, err = h.lookupPrevious(r, token)
 		}
 		switch {
 		case errors.Is(err, keystore.ErrNotFound):
@@ -104,10 +102,8 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		}
 	}
 	now := h.now()
-	if !key.Digest.Equal(digest) || !key.Active(now) {
+	if !key.Active(now) {
 		switch {
-		case !key.Digest.Equal(digest):
-			validationUnknown.Inc()
 		case key.Status(now) == keystore.StatusRevoked:
 			validationRevoked.Inc()
 		default:
@@ -124,74 +120,43 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 
 	// The backend learns who calls from these headers only; the identity
 	// headers' names are canonical (see applyDefaults).
-	id, _ := prepared.(*keyIdentity)
-	if id == nil {
-		id = newKeyIdentity(key)
-	}
 	hdr := r.Header
 	delete(hdr, "Authorization") // keys of a parsed request are canonical
 	ids := h.IdentityHeaders
 	// One allocation for the three values; each header gets a slice of
 	// its own capacity, so an append to one cannot touch another.
 	vals := make([]string, 3)
-	vals[0], vals[1], vals[2] = key.ID, key.Owner, id.scopes
+	vals[0], vals[1], vals[2] = key.ID(), key.Owner(), key.Scopes()
 	hdr[ids.ID] = vals[0:1:1]
 	hdr[ids.Owner] = vals[1:2:2]
 	hdr[ids.Scopes] = vals[2:3:3]
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		repl.Set("http.auth.user.id", id.owner)
-		repl.Set("http.auth.apikey.id", id.id)
-		repl.Set("http.auth.apikey.scopes", id.scopesValue)
+		// Values boxed when the record was cached: no allocation here.
+		repl.Set("http.auth.user.id", key.OwnerValue())
+		repl.Set("http.auth.apikey.id", key.IDValue())
+		repl.Set("http.auth.apikey.scopes", key.ScopesValue())
 	}
-	if id.noteUse(now) {
-		h.usage.touch(key.ID, now)
+	// last_used_at has second precision: the recorder (and its lock) sees
+	// one use a second of a busy key.
+	if key.NoteUse(now) {
+		h.usage.touch(key.ID(), now)
 	}
 	validationAccepted.Inc()
 	h.debug("api key accepted", key)
 	return next.ServeHTTP(w, r)
 }
 
-// keyIdentity is what the guard hands on for a key: computed once per cached
-// record (keystore.CacheOptions.Prepare) instead of on every request. The
-// placeholder values are boxed once, so setting them does not allocate.
-type keyIdentity struct {
-	scopes                 string // header value: space-separated, or "*"
-	id, owner, scopesValue any    // the placeholders' values
-	lastUse                atomic.Int64
-}
-
-// noteUse reports whether a use at now should be passed to the last-used
-// recorder: once per second per cached record, so the hot path mostly
-// skips the recorder's lock (last_used_at has second precision).
-func (id *keyIdentity) noteUse(now time.Time) bool {
-	sec := now.Unix()
-	last := id.lastUse.Load()
-	return sec != last && id.lastUse.CompareAndSwap(last, sec)
-}
-
-func newKeyIdentity(k *keystore.Key) *keyIdentity {
-	s := scopeString(k)
-	return &keyIdentity{scopes: s, id: k.ID, owner: k.Owner, scopesValue: s}
-}
-
-// prepareIdentity is the cache's Prepare function.
-func prepareIdentity(k *keystore.Key) any { return newKeyIdentity(k) }
-
 // lookupPrevious looks a key up under the previous secrets' digests, after
 // the current secret's gave ErrNotFound. Unknown digests are remembered by
 // the cache, so a fake key costs each secret one store read at most.
-func (h *Handler) lookupPrevious(r *http.Request, token string) (keystore.Digest, *keystore.Key, any, error) {
-	err := keystore.ErrNotFound
+func (h *Handler) lookupPrevious(r *http.Request, token string) (*keystore.CachedKey, error) {
 	for _, old := range h.oldHashers {
-		d := old.Digest(token)
-		var key *keystore.Key
-		var prepared any
-		key, prepared, err = h.cache.Lookup(r.Context(), d)
+		key, err := h.cache.Lookup(r.Context(), old.Digest(token))
 		if !errors.Is(err, keystore.ErrNotFound) {
-			return d, key, prepared, err
+			return key, err
 		}
 	}
-	return keystore.Digest{}, nil, nil, err
+	return nil, keystore.ErrNotFound
 }
 
 // stripIdentityHeaders removes client-sent copies of the identity headers.
@@ -243,7 +208,7 @@ func sameHeaderLoosely(a, b string) bool {
 // allowed reports whether key may make request r. required lists the scopes
 // of the rules that match (nil when none does, so a full-access key is
 // needed).
-func (h *Handler) allowed(key *keystore.Key, r *http.Request) (required []string, ok bool) {
+func (h *Handler) allowed(key *keystore.CachedKey, r *http.Request) (required []string, ok bool) {
 	if key.FullAccess() {
 		return nil, true
 	}
@@ -261,14 +226,6 @@ func (h *Handler) allowed(key *keystore.Key, r *http.Request) (required []string
 		required = append(required, rule.scope)
 	}
 	return required, false
-}
-
-// scopeString renders a key's scopes for headers and placeholders.
-func scopeString(k *keystore.Key) string {
-	if k.FullAccess() {
-		return "*"
-	}
-	return strings.Join(k.Scopes, " ")
 }
 
 func (h *Handler) unauthorized(w http.ResponseWriter, code, msg string) error {
@@ -292,8 +249,8 @@ func (h *Handler) insufficientScope(w http.ResponseWriter, required []string) er
 }
 
 // debug logs a key decision with its ID and owner, never the key itself.
-func (h *Handler) debug(msg string, k *keystore.Key) {
+func (h *Handler) debug(msg string, k *keystore.CachedKey) {
 	if c := h.logger.Check(zapcore.DebugLevel, msg); c != nil {
-		c.Write(zap.String("key_id", k.ID), zap.String("owner", k.Owner))
+		c.Write(zap.String("key_id", k.ID()), zap.String("owner", k.Owner()))
 	}
 }

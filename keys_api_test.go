@@ -130,7 +130,7 @@ func TestListAndGet(t *testing.T) {
 
 			// Get: own key, another owner's, unknown, malformed.
 			v, resp := g.view("alice", made[0].KeyID)
-			if resp.status != 200 || v.KeyID != made[0].KeyID || v.Name != "k0" {
+			if resp.status != 200 || v.KeyID != made[0].KeyID || v.Name != made[0].Name {
 				t.Errorf("get own: %d %s", resp.status, resp.body)
 			}
 			for _, c := range []struct{ owner, id string }{{"bob", made[0].KeyID}, {"alice", bobs.KeyID}, {"alice", "key_aaaaaaaaaaaaaaaaaaaaaaaa"}, {"alice", "nope"}} {

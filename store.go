@@ -144,7 +144,6 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 func (h *Handler) cacheOptions() (keystore.CacheOptions, error) {
 	opts := keystore.CacheOptions{
 		StoreTimeout: h.storeTimeout,
-		Prepare:      prepareIdentity,
 		Observer:     newStoreObserver(h.logger),
 	}
 	c := h.Cache

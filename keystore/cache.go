@@ -136,10 +136,6 @@ type CacheOptions struct {
 	// Invalidator carries invalidations to and from other instances; nil
 	// means this process is the only writer (the bbolt store).
 	Invalidator Invalidator
-	// Prepare, if set, is called once for every record put in the cache;
-	// Lookup returns its result with the record. Use it to precompute what
-	// every request that presents the key would otherwise compute again.
-	Prepare func(*Key) any
 	// Observer receives counts, timings and failures; nil discards them.
 	Observer CacheObserver
 	// Now is the clock of the cache's freshness decisions. For tests; by
@@ -232,7 +228,6 @@ type CachedStore struct {
 	neg         *otter.Cache[Digest, negEntry]
 	loader      otter.Loader[Digest, *cacheEntry]
 	inval       Invalidator
-	prepare     func(*Key) any
 	obs         CacheObserver
 	nowNano     func() int64
 	ttl         atomic.Int64 // nanoseconds
@@ -251,11 +246,12 @@ type CachedStore struct {
 	closeResult error
 }
 
-// cacheEntry is a cached record. The record and prepared value are shared
-// by every request that presents the key: nobody may modify them.
+// cacheEntry is a cached record: one allocation besides the CachedKey's
+// strings. Lookups hand out its CachedKey, shared by every request that
+// presents the key; it is never modified (but for its atomics): a record
+// read again replaces the entry.
 type cacheEntry struct {
-	key      *Key
-	prepared any
+	CachedKey
 	loadedAt int64        // unix nanoseconds when the store read started
 	gen      uint64       // the flush generation it was read in
 	lastUsed atomic.Int64 // unix nanoseconds, to usedResolution; 0: never
@@ -292,7 +288,7 @@ var _ Store = (*CachedStore)(nil)
 // background work (refreshing records in use, and receiving invalidations
 // when opts.Invalidator is set). Close stops it and closes inner.
 func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
-	c := &CachedStore{inner: inner, inval: opts.Invalidator, prepare: opts.Prepare, obs: opts.Observer}
+	c := &CachedStore{inner: inner, inval: opts.Invalidator, obs: opts.Observer}
 	if c.obs == nil {
 		c.obs = nopObserver{}
 	}
@@ -404,16 +400,15 @@ func (c *CachedStore) size(opts CacheOptions) int {
 // Inner returns the underlying store.
 func (c *CachedStore) Inner() Store { return c.inner }
 
-// Lookup returns the record with digest d and what CacheOptions.Prepare
-// made of it, from the cache when it can (see the file comment), or
-// ErrNotFound, or an error wrapping ErrUnavailable. Like ByDigest it
-// returns revoked and expired records too. The record and the prepared
-// value are shared: the caller must not modify them.
+// Lookup returns the record with digest d in its cached form, from the
+// cache when it can (see the file comment), or ErrNotFound, or an error
+// wrapping ErrUnavailable. Like ByDigest it returns revoked and expired
+// records too.
 //
 // ctx only bounds how long the caller waits; each store read is bounded by
 // StoreTimeout and is not cancelled when one of the callers waiting for it
 // goes away.
-func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*Key, any, error) {
+func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*CachedKey, error) {
 	if c.disabled.Load() {
 		return c.lookupUncached(ctx, d)
 	}
@@ -421,7 +416,7 @@ func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*Key, any, error) {
 	gen := c.gen.Load()
 	if e, ok := c.pos.GetIfPresent(d); ok {
 		if c.servable(e, now, gen) {
-			return e.key, e.prepared, nil
+			return &e.CachedKey, nil
 		}
 		// Too old to be served while the store is reachable.
 		age := now - e.loadedAt
@@ -434,18 +429,18 @@ func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*Key, any, error) {
 		}
 		if w := c.window.Load(); w > 0 && e.gen == gen && age < w {
 			c.obs.CacheLookup(LookupOutage)
-			return e.key, e.prepared, nil
+			return &e.CachedKey, nil
 		}
 		c.obs.CacheLookup(LookupUnavailable)
-		return nil, nil, ErrUnavailable
+		return nil, ErrUnavailable
 	}
 	if n, ok := c.neg.GetIfPresent(d); ok && n.gen == gen && now-n.loadedAt < c.ttl.Load() {
 		c.obs.CacheLookup(LookupNegativeHit)
-		return nil, nil, ErrNotFound
+		return nil, ErrNotFound
 	}
 	if c.down.Load() {
 		c.obs.CacheLookup(LookupUnavailable)
-		return nil, nil, ErrUnavailable
+		return nil, ErrUnavailable
 	}
 	c.obs.CacheLookup(LookupMiss)
 	e, err := c.pos.Get(ctx, d, c.loader)
@@ -455,20 +450,19 @@ func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*Key, any, error) {
 	return entryResult(e, err)
 }
 
-// Peek returns the record with digest d and its prepared value if the
-// cache can serve it as it is (a hit, or a stale record being refreshed),
-// without reading the store; ok is false otherwise. It counts as a lookup
-// (records the use, reports a hit) when it finds one. The record
-// and the prepared value are shared: the caller must not modify them.
-func (c *CachedStore) Peek(d Digest) (k *Key, prepared any, ok bool) {
+// Peek returns the record with digest d if the cache can serve it as it
+// is (a hit, or a stale record being refreshed), without reading the
+// store; ok is false otherwise. It counts as a lookup (records the use,
+// reports a hit) when it finds one.
+func (c *CachedStore) Peek(d Digest) (k *CachedKey, ok bool) {
 	if c.disabled.Load() {
-		return nil, nil, false
+		return nil, false
 	}
 	e, ok := c.pos.GetIfPresent(d)
 	if !ok || !c.servable(e, c.nowNano(), c.gen.Load()) {
-		return nil, nil, false
+		return nil, false
 	}
-	return e.key, e.prepared, true
+	return &e.CachedKey, true
 }
 
 // servable reports whether e may be served without reading the store, and
@@ -492,11 +486,11 @@ func (c *CachedStore) servable(e *cacheEntry, now int64, gen uint64) bool {
 	return false
 }
 
-func entryResult(e *cacheEntry, err error) (*Key, any, error) {
+func entryResult(e *cacheEntry, err error) (*CachedKey, error) {
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	return e.key, e.prepared, nil
+	return &e.CachedKey, nil
 }
 
 // reload re-reads a cached record that is too old, joining a read of it
@@ -519,21 +513,22 @@ func (c *CachedStore) reload(ctx context.Context, d Digest) (*cacheEntry, error)
 }
 
 // lookupUncached reads d from the store, for a disabled cache.
-func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (*Key, any, error) {
+func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (*CachedKey, error) {
 	c.obs.CacheLookup(LookupBypass)
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(c.timeout.Load()))
 	defer cancel()
 	start := time.Now()
 	k, err := c.inner.ByDigest(ctx, d)
 	c.obs.StoreCall("by_digest", time.Since(start), err)
+	if err == nil && !c.matches(k, d) {
+		err = ErrNotFound
+	}
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	var prepared any
-	if c.prepare != nil {
-		prepared = c.prepare(k)
-	}
-	return k, prepared, nil
+	ck := new(CachedKey)
+	ck.fill(k)
+	return ck, nil
 }
 
 // load reads one record for the cache (otter calls it on a miss and for
@@ -552,6 +547,9 @@ func (c *CachedStore) load(ctx context.Context, d Digest) (*cacheEntry, error) {
 	start := time.Now()
 	k, err := c.inner.ByDigest(ctx, d)
 	c.obs.StoreCall("by_digest", time.Since(start), err)
+	if err == nil && !c.matches(k, d) {
+		err = ErrNotFound
+	}
 	switch {
 	case err == nil:
 		c.markUp()
@@ -574,11 +572,20 @@ func (c *CachedStore) load(ctx context.Context, d Digest) (*cacheEntry, error) {
 }
 
 func (c *CachedStore) newEntry(k *Key, loadedAt int64, gen uint64) *cacheEntry {
-	e := &cacheEntry{key: k, loadedAt: loadedAt, gen: gen}
-	if c.prepare != nil {
-		e.prepared = c.prepare(k)
-	}
+	e := &cacheEntry{loadedAt: loadedAt, gen: gen}
+	e.fill(k)
 	return e
+}
+
+// matches reports whether k, read from the store for digest d, is the
+// record of d. Stores check this themselves; a record that fails it (a
+// corrupted store) is reported and treated as missing.
+func (c *CachedStore) matches(k *Key, d Digest) bool {
+	if k.Digest.Equal(d) {
+		return true
+	}
+	c.obs.Error("key cache: the store returned a record under another digest; treated as missing", fmt.Errorf("key %s", k.ID))
+	return false
 }
 
 // refreshLoop re-reads, in batches, the records used in the last WarmFor
@@ -663,7 +670,7 @@ func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []*cacheE
 			return nil, err
 		}
 		for i, k := range keys {
-			if k != nil && k.Digest.Equal(ds[i]) {
+			if k != nil && c.matches(k, ds[i]) {
 				nexts[i] = c.newEntry(k, loadedAt, gen)
 			}
 		}
@@ -681,7 +688,9 @@ func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []*cacheE
 		}
 		sum := maphash.String(c.seed, raw)
 		if old := olds[i]; old.sum == sum {
-			nexts[i] = &cacheEntry{key: old.key, prepared: old.prepared, loadedAt: loadedAt, gen: gen, sum: sum}
+			next := &cacheEntry{loadedAt: loadedAt, gen: gen, sum: sum}
+			next.copyFrom(&old.CachedKey)
+			nexts[i] = next
 			continue
 		}
 		k, err := c.raw.DecodeRecord(ds[i], raw)
@@ -831,14 +840,13 @@ func (c *CachedStore) publish(ctx context.Context, inv Invalidation) {
 	}
 }
 
-// ByDigest implements [Store.ByDigest] through the cache. It returns a copy
-// of the record, which the caller may modify.
+// ByDigest implements [Store.ByDigest]; it reads the store (the cache
+// keeps only the compact form of records, which Lookup returns).
 func (c *CachedStore) ByDigest(ctx context.Context, d Digest) (*Key, error) {
-	k, _, err := c.Lookup(ctx, d)
-	if err != nil {
-		return nil, err
-	}
-	return cloneKey(k), nil
+	start := time.Now()
+	k, err := c.inner.ByDigest(ctx, d)
+	c.observe("by_digest", start, err)
+	return k, err
 }
 
 // Create implements [Store.Create]. The new record is cached at once, and
@@ -856,7 +864,7 @@ func (c *CachedStore) Create(ctx context.Context, k *Key) error {
 	c.seq.Add(1)
 	c.neg.Invalidate(k.Digest)
 	if !c.disabled.Load() {
-		c.pos.Set(k.Digest, c.newEntry(cloneKey(k), loadedAt, gen))
+		c.pos.Set(k.Digest, c.newEntry(k, loadedAt, gen))
 	}
 	c.publish(ctx, Invalidation{Digest: k.Digest, Created: true})
 	return nil

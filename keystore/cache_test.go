@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/redis/go-redis/v9"
 
@@ -158,9 +159,9 @@ func (f *cacheFixture) storeRaw(t *testing.T) *Key {
 	return k
 }
 
-func lookupOK(t *testing.T, c *CachedStore, d Digest) *Key {
+func lookupOK(t *testing.T, c *CachedStore, d Digest) *CachedKey {
 	t.Helper()
-	k, _, err := c.Lookup(context.Background(), d)
+	k, err := c.Lookup(context.Background(), d)
 	if err != nil {
 		t.Fatalf("Lookup: %v", err)
 	}
@@ -174,8 +175,8 @@ func TestCacheHitMissNegative(t *testing.T) {
 
 	for i := range 20 {
 		got := lookupOK(t, f.cache, k.Digest)
-		if got.ID != k.ID {
-			t.Fatalf("lookup %d: got %s, want %s", i, got.ID, k.ID)
+		if got.ID() != k.ID {
+			t.Fatalf("lookup %d: got %s, want %s", i, got.ID(), k.ID)
 		}
 	}
 	if n := commandCalls(t, f.rdb, "get") - gets; n != 1 {
@@ -189,7 +190,7 @@ func TestCacheHitMissNegative(t *testing.T) {
 	gets = commandCalls(t, f.rdb, "get")
 	unknown := newKey(t, "x", time.Now()).Digest
 	for range 20 {
-		if _, _, err := f.cache.Lookup(context.Background(), unknown); !errors.Is(err, ErrNotFound) {
+		if _, err := f.cache.Lookup(context.Background(), unknown); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("unknown digest: %v", err)
 		}
 	}
@@ -201,24 +202,30 @@ func TestCacheHitMissNegative(t *testing.T) {
 	}
 
 	// Peek answers from the cache alone.
-	if got, _, ok := f.cache.Peek(k.Digest); !ok || got.ID != k.ID {
+	if got, ok := f.cache.Peek(k.Digest); !ok || got.ID() != k.ID {
 		t.Errorf("Peek(cached) = %v, %v", got, ok)
 	}
-	if _, _, ok := f.cache.Peek(unknown); ok {
+	if _, ok := f.cache.Peek(unknown); ok {
 		t.Error("Peek found an unknown digest")
 	}
 	f.clock.Advance(DefaultCacheTTL)
-	if _, _, ok := f.cache.Peek(k.Digest); ok {
+	if _, ok := f.cache.Peek(k.Digest); ok {
 		t.Error("Peek served a record older than TTL")
 	}
 
-	// ByDigest hands out copies.
-	a, _ := f.cache.ByDigest(context.Background(), k.Digest)
-	a.Scopes[0] = "mutated"
-	if b := lookupOK(t, f.cache, k.Digest); b.Scopes[0] == "mutated" {
-		t.Error("ByDigest returned the cached record itself")
+	// ByDigest reads the store, for the whole record.
+	gets = commandCalls(t, f.rdb, "get")
+	full, err := f.cache.ByDigest(context.Background(), k.Digest)
+	if err != nil || full.Name != k.Name || !full.CreatedAt.Equal(k.CreatedAt) {
+		t.Errorf("ByDigest = %+v, %v", full, err)
+	}
+	if n := commandCalls(t, f.rdb, "get") - gets; n != 1 {
+		t.Errorf("ByDigest made %d GETs, want 1", n)
 	}
 }
+
+// revoked reports whether ck is revoked now.
+func revoked(ck *CachedKey) bool { return ck.Status(time.Now()) == StatusRevoked }
 
 // TestCacheNegativeFlood sends many lookups of a few fake digests at once:
 // the store sees one GET per digest.
@@ -234,7 +241,7 @@ func TestCacheNegativeFlood(t *testing.T) {
 	var wrong atomic.Int64
 	for i := range fakes * each {
 		wg.Go(func() {
-			if _, _, err := f.cache.Lookup(context.Background(), digests[i%fakes]); !errors.Is(err, ErrNotFound) {
+			if _, err := f.cache.Lookup(context.Background(), digests[i%fakes]); !errors.Is(err, ErrNotFound) {
 				wrong.Add(1)
 			}
 		})
@@ -262,8 +269,8 @@ func TestCacheDedup(t *testing.T) {
 	var bad atomic.Int64
 	for range 50 {
 		wg.Go(func() {
-			got, _, err := f.cache.Lookup(context.Background(), k.Digest)
-			if err != nil || got.ID != k.ID {
+			got, err := f.cache.Lookup(context.Background(), k.Digest)
+			if err != nil || got.ID() != k.ID {
 				bad.Add(1)
 			}
 		})
@@ -316,11 +323,11 @@ func TestCacheStaleWhileRevalidate(t *testing.T) {
 	if _, err := f.raw.Revoke(context.Background(), k.ID, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if got := lookupOK(t, f.cache, k.Digest); got.RevokedAt != nil {
+	if got := lookupOK(t, f.cache, k.Digest); revoked(got) {
 		t.Fatal("revocation seen without a message before TTL: the test proves nothing")
 	}
 	f.clock.Advance(11 * time.Second)
-	if got := lookupOK(t, f.cache, k.Digest); got.RevokedAt == nil {
+	if got := lookupOK(t, f.cache, k.Digest); !revoked(got) {
 		t.Error("a record older than TTL was served without being read again")
 	}
 }
@@ -356,7 +363,7 @@ func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 		e2, _ := f.cache.pos.GetIfPresent(k.Digest)
 		return e2 != e
 	})
-	if e2, _ := f.cache.pos.GetIfPresent(k.Digest); e2.key != e.key {
+	if e2, _ := f.cache.pos.GetIfPresent(k.Digest); unsafe.StringData(e2.text) != unsafe.StringData(e.text) {
 		t.Error("an unchanged record was decoded again")
 	}
 	if _, err := f.raw.Revoke(context.Background(), k.ID, time.Now()); err != nil {
@@ -365,7 +372,7 @@ func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 	f.clock.Advance(time.Second)
 	waitFor(t, "the background refresh to pick up the change", func() bool {
 		e2, _ := f.cache.pos.GetIfPresent(k.Digest)
-		return e2.key.RevokedAt != nil
+		return revoked(&e2.CachedKey)
 	})
 	if e, _ := f.cache.pos.GetIfPresent(unused.Digest); e != created {
 		t.Error("a record never used was re-read")
@@ -390,8 +397,8 @@ func TestCacheMintedKeyCached(t *testing.T) {
 	// Give our own "created" message time to come back: it must not drop
 	// the record.
 	time.Sleep(100 * time.Millisecond)
-	if got := lookupOK(t, f.cache, k.Digest); got.ID != k.ID {
-		t.Fatalf("got %s", got.ID)
+	if got := lookupOK(t, f.cache, k.Digest); got.ID() != k.ID {
+		t.Fatalf("got %s", got.ID())
 	}
 	if n := commandCalls(t, f.rdb, "get") - gets; n != 0 {
 		t.Errorf("looking up a key this instance created made %d GETs, want 0", n)
@@ -410,25 +417,25 @@ func TestCacheInvalidation(t *testing.T) {
 
 	k := newKey(t, "o", time.Now().UTC().Truncate(time.Millisecond))
 	// The other instance has looked the digest up before it existed.
-	if _, _, err := other.Lookup(context.Background(), k.Digest); !errors.Is(err, ErrNotFound) {
+	if _, err := other.Lookup(context.Background(), k.Digest); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("before create: %v", err)
 	}
 	if err := f.cache.Create(context.Background(), k); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "the other instance to see the new key", func() bool {
-		_, _, err := other.Lookup(context.Background(), k.Digest)
+		_, err := other.Lookup(context.Background(), k.Digest)
 		return err == nil
 	})
 
 	if _, err := f.cache.Revoke(context.Background(), k.ID, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if got := lookupOK(t, f.cache, k.Digest); got.RevokedAt == nil {
+	if got := lookupOK(t, f.cache, k.Digest); !revoked(got) {
 		t.Error("the revoking instance still serves the key as not revoked")
 	}
 	waitFor(t, "the other instance to see the revocation", func() bool {
-		return lookupOK(t, other, k.Digest).RevokedAt != nil
+		return revoked(lookupOK(t, other, k.Digest))
 	})
 	if f.obs.revoked != 1 {
 		t.Errorf("revoked = %d", f.obs.revoked)
@@ -446,14 +453,14 @@ func TestCacheFlushOnResubscribe(t *testing.T) {
 	if _, err := f.raw.Revoke(context.Background(), k.ID, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if lookupOK(t, f.cache, k.Digest).RevokedAt != nil {
+	if revoked(lookupOK(t, f.cache, k.Digest)) {
 		t.Fatal("the cache saw a revocation nobody told it about: the test proves nothing")
 	}
 	if err := f.rdb.Do(context.Background(), "CLIENT", "KILL", "TYPE", "pubsub").Err(); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "the flush after resubscribing", func() bool {
-		return lookupOK(t, f.cache, k.Digest).RevokedAt != nil
+		return revoked(lookupOK(t, f.cache, k.Digest))
 	})
 }
 
@@ -469,7 +476,7 @@ func TestCacheFlushMessage(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "the flush", func() bool {
-		return lookupOK(t, f.cache, k.Digest).RevokedAt != nil
+		return revoked(lookupOK(t, f.cache, k.Digest))
 	})
 }
 
@@ -493,18 +500,18 @@ func TestCacheOutage(t *testing.T) {
 			f.clock.Advance(DefaultCacheTTL + time.Second)
 
 			// The first read notices the outage.
-			_, _, err := f.cache.Lookup(context.Background(), unknown)
+			_, err := f.cache.Lookup(context.Background(), unknown)
 			if !errors.Is(err, ErrUnavailable) {
 				t.Fatalf("unknown digest during outage: %v, want ErrUnavailable", err)
 			}
 			for i := range 5 {
 				start := time.Now()
-				_, _, err := f.cache.Lookup(context.Background(), newKey(t, "x", time.Now()).Digest)
+				_, err := f.cache.Lookup(context.Background(), newKey(t, "x", time.Now()).Digest)
 				if d := time.Since(start); !errors.Is(err, ErrUnavailable) || d > 100*time.Millisecond {
 					t.Errorf("unknown digest %d during outage: %v after %v, want ErrUnavailable within 100ms", i, err, d)
 				}
 			}
-			_, _, err = f.cache.Lookup(context.Background(), k.Digest)
+			_, err = f.cache.Lookup(context.Background(), k.Digest)
 			if tc.window < 0 {
 				if !errors.Is(err, ErrUnavailable) {
 					t.Errorf("window disabled: record past TTL: %v, want ErrUnavailable", err)
@@ -517,7 +524,7 @@ func TestCacheOutage(t *testing.T) {
 					t.Error("no outage serve counted")
 				}
 				f.clock.Advance(DefaultOutageWindow)
-				if _, _, err := f.cache.Lookup(context.Background(), k.Digest); !errors.Is(err, ErrUnavailable) {
+				if _, err := f.cache.Lookup(context.Background(), k.Digest); !errors.Is(err, ErrUnavailable) {
 					t.Errorf("record past the outage window: %v, want ErrUnavailable", err)
 				}
 			}
@@ -525,10 +532,10 @@ func TestCacheOutage(t *testing.T) {
 			f.srv.Restart() // no persistence: the key is gone
 			mustCreate(t, f.raw, k)
 			waitFor(t, "recovery", func() bool { return f.cache.StoreUp() })
-			if got := lookupOK(t, f.cache, k.Digest); got.ID != k.ID {
-				t.Errorf("after recovery: %s", got.ID)
+			if got := lookupOK(t, f.cache, k.Digest); got.ID() != k.ID {
+				t.Errorf("after recovery: %s", got.ID())
 			}
-			if _, _, err := f.cache.Lookup(context.Background(), unknown); !errors.Is(err, ErrNotFound) {
+			if _, err := f.cache.Lookup(context.Background(), unknown); !errors.Is(err, ErrNotFound) {
 				t.Errorf("unknown digest after recovery: %v", err)
 			}
 		})
@@ -548,7 +555,7 @@ func TestCacheHungStoreFailsFast(t *testing.T) {
 	}
 	// Past TTL: the re-read times out, then the record is served anyway.
 	start := time.Now()
-	if _, _, err := f.cache.Lookup(context.Background(), k.Digest); err != nil {
+	if _, err := f.cache.Lookup(context.Background(), k.Digest); err != nil {
 		t.Fatalf("record during a hung store: %v", err)
 	}
 	if d := time.Since(start); d > time.Second {
@@ -556,13 +563,13 @@ func TestCacheHungStoreFailsFast(t *testing.T) {
 	}
 	for range 5 {
 		start := time.Now()
-		if _, _, err := f.cache.Lookup(context.Background(), newKey(t, "x", time.Now()).Digest); !errors.Is(err, ErrUnavailable) {
+		if _, err := f.cache.Lookup(context.Background(), newKey(t, "x", time.Now()).Digest); !errors.Is(err, ErrUnavailable) {
 			t.Errorf("unknown digest: %v", err)
 		}
 		if d := time.Since(start); d > 100*time.Millisecond {
 			t.Errorf("unknown digest took %v with the store known down", d)
 		}
-		if _, _, err := f.cache.Lookup(context.Background(), k.Digest); err != nil {
+		if _, err := f.cache.Lookup(context.Background(), k.Digest); err != nil {
 			t.Errorf("record: %v", err)
 		}
 	}
@@ -589,24 +596,6 @@ func TestCacheDisabled(t *testing.T) {
 	}
 	if n := commandCalls(t, f.rdb, "get") - gets; n != 1 {
 		t.Errorf("5 lookups with the cache enabled made %d GETs, want 1", n)
-	}
-}
-
-func TestCachePrepare(t *testing.T) {
-	var calls atomic.Int64
-	f := newCacheFixture(t, CacheOptions{Prepare: func(k *Key) any {
-		calls.Add(1)
-		return "prepared:" + k.ID
-	}}, false)
-	k := f.storeRaw(t)
-	for range 3 {
-		_, p, err := f.cache.Lookup(context.Background(), k.Digest)
-		if err != nil || p != "prepared:"+k.ID {
-			t.Fatalf("prepared = %v, %v", p, err)
-		}
-	}
-	if calls.Load() != 1 {
-		t.Errorf("Prepare ran %d times for one record", calls.Load())
 	}
 }
 
