@@ -109,12 +109,12 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		default:
 			validationExpired.Inc()
 		}
-		h.debug("api key refused: revoked or expired", key)
+		h.debug("api key refused: revoked or expired", &key)
 		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
 	}
-	if required, ok := h.allowed(key, r); !ok {
+	if required, ok := h.allowed(&key, r); !ok {
 		validationInsufficientScope.Inc()
-		h.debug("api key refused: insufficient scope", key)
+		h.debug("api key refused: insufficient scope", &key)
 		return h.insufficientScope(w, required)
 	}
 
@@ -142,21 +142,21 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		h.usage.touch(key.ID(), now)
 	}
 	validationAccepted.Inc()
-	h.debug("api key accepted", key)
+	h.debug("api key accepted", &key)
 	return next.ServeHTTP(w, r)
 }
 
 // lookupPrevious looks a key up under the previous secrets' digests, after
 // the current secret's gave ErrNotFound. Unknown digests are remembered by
 // the cache, so a fake key costs each secret one store read at most.
-func (h *Handler) lookupPrevious(r *http.Request, token string) (*keystore.CachedKey, error) {
+func (h *Handler) lookupPrevious(r *http.Request, token string) (keystore.CachedKey, error) {
 	for _, old := range h.oldHashers {
 		key, err := h.cache.Lookup(r.Context(), old.Digest(token))
 		if !errors.Is(err, keystore.ErrNotFound) {
 			return key, err
 		}
 	}
-	return nil, keystore.ErrNotFound
+	return keystore.CachedKey{}, keystore.ErrNotFound
 }
 
 // stripIdentityHeaders removes client-sent copies of the identity headers.

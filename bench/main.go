@@ -66,6 +66,8 @@ var (
 	flagOut      = flag.String("out", "bench/results", "directory for results.json, summary.md and chart.png")
 	flagBudget   = flag.Duration("budget", 14*time.Minute, "abort if the whole benchmark takes longer")
 	flagPin      = flag.Bool("pin", true, "run Caddy on the last CPU (GOMAXPROCS=1) and the rest on the others, with taskset")
+	flagCaddyEnv = flag.String("caddy-env", "", "extra environment of the Caddy processes, comma-separated (e.g. GODEBUG=gctrace=1)")
+	flagKeep     = flag.Bool("keep", false, "keep the working directory (configs and process logs) and print its path")
 	flagBackend  = flag.String("serve-backend", "", "internal: run as the backend on this address")
 )
 
@@ -152,7 +154,11 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(tmp)
+	if *flagKeep {
+		defer log.Printf("kept the working directory %s", tmp)
+	} else {
+		defer os.RemoveAll(tmp)
+	}
 
 	log.Printf("building ./cmd/caddy")
 	caddyBin := filepath.Join(tmp, "caddy")
@@ -357,6 +363,11 @@ func start(ctx context.Context, dir, name, bin string, args ...string) error {
 		"XDG_DATA_HOME="+filepath.Join(dir, "data"), "XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
 	if caddyCPU != "" && filepath.Base(bin) == "taskset" {
 		cmd.Env = append(cmd.Env, "GOMAXPROCS=1")
+	}
+	if strings.HasPrefix(name, "caddy") || strings.HasPrefix(name, "apikeys") {
+		if *flagCaddyEnv != "" {
+			cmd.Env = append(cmd.Env, strings.Split(*flagCaddyEnv, ",")...)
+		}
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -221,12 +221,12 @@ type CacheObserver interface {
 // Lookup and the writes go straight to the underlying store.
 type CachedStore struct {
 	inner       Store
-	bulk        bulkReader    // inner, if it reads many digests at once
-	raw         rawBulkReader // inner, if it can also hand them undecoded
-	seed        maphash.Seed  // of the records' checksums
-	pos         *otter.Cache[Digest, *cacheEntry]
+	bulk        bulkReader   // inner, if it reads many digests at once
+	raw         rawReader    // inner, if it can also hand records undecoded
+	seed        maphash.Seed // of the records' checksums
+	pos         *otter.Cache[Digest, CachedKey]
 	neg         *otter.Cache[Digest, negEntry]
-	loader      otter.Loader[Digest, *cacheEntry]
+	loader      otter.Loader[Digest, CachedKey]
 	inval       Invalidator
 	obs         CacheObserver
 	nowNano     func() int64
@@ -246,18 +246,6 @@ type CachedStore struct {
 	closeResult error
 }
 
-// cacheEntry is a cached record: one allocation besides the CachedKey's
-// strings. Lookups hand out its CachedKey, shared by every request that
-// presents the key; it is never modified (but for its atomics): a record
-// read again replaces the entry.
-type cacheEntry struct {
-	CachedKey
-	loadedAt int64        // unix nanoseconds when the store read started
-	gen      uint64       // the flush generation it was read in
-	lastUsed atomic.Int64 // unix nanoseconds, to usedResolution; 0: never
-	sum      uint64       // maphash of the stored record, if read raw; 0: unknown
-}
-
 // negEntry remembers that a digest was not in the store.
 type negEntry struct {
 	loadedAt int64
@@ -272,9 +260,12 @@ type bulkReader interface {
 	ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
 }
 
-// rawBulkReader is implemented by stores that can hand records undecoded:
-// a background refresh then decodes only the records that changed.
-type rawBulkReader interface {
+// rawReader is implemented by stores that can hand records undecoded: the
+// cache keeps a checksum of each, and a background refresh decodes only
+// the records that changed.
+type rawReader interface {
+	// RawByDigest returns the stored record of d, or ErrNotFound.
+	RawByDigest(ctx context.Context, d Digest) (string, error)
 	// RawByDigests returns the stored records of ds, in order, with "" for
 	// a digest that has no record.
 	RawByDigests(ctx context.Context, ds []Digest) ([]string, error)
@@ -298,24 +289,24 @@ func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
 		c.nowNano = sharedCoarseClock().NowNano
 	}
 	c.bulk, _ = inner.(bulkReader)
-	c.raw, _ = inner.(rawBulkReader)
+	c.raw, _ = inner.(rawReader)
 	c.seed = maphash.MakeSeed()
 	if err := c.Configure(opts); err != nil {
 		return nil, err
 	}
 	size := c.size(opts)
 	var err error
-	c.pos, err = otter.New(&otter.Options[Digest, *cacheEntry]{
+	c.pos, err = otter.New(&otter.Options[Digest, CachedKey]{
 		MaximumSize: size,
 		// Otter only reclaims memory here; freshness is decided by Lookup
 		// with loadedAt, on the cache's own clock.
-		ExpiryCalculator: otter.ExpiryWritingFunc(func(otter.Entry[Digest, *cacheEntry]) time.Duration {
-			return time.Duration(max(c.ttl.Load(), c.window.Load()) + c.refresh.Load())
+		ExpiryCalculator: otter.ExpiryWritingFunc(func(otter.Entry[Digest, CachedKey]) time.Duration {
+			return c.expiry()
 		}),
 		// Never refreshes by itself; Refresh is called explicitly for
 		// records past TTL, to re-read them with one read per digest while
 		// keeping the old record for the outage window if the read fails.
-		RefreshCalculator: otter.RefreshWriting[Digest, *cacheEntry](100 * 365 * 24 * time.Hour),
+		RefreshCalculator: otter.RefreshWriting[Digest, CachedKey](100 * 365 * 24 * time.Hour),
 		Logger:            otterLogger{c.obs},
 		Clock:             sharedCoarseClock(),
 	})
@@ -333,7 +324,7 @@ func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
 	if err != nil {
 		return nil, fmt.Errorf("keystore: cache: %w", err)
 	}
-	c.loader = otter.LoaderFunc[Digest, *cacheEntry](c.load)
+	c.loader = otter.LoaderFunc[Digest, CachedKey](c.load)
 
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wg.Add(1)
@@ -408,7 +399,7 @@ func (c *CachedStore) Inner() Store { return c.inner }
 // ctx only bounds how long the caller waits; each store read is bounded by
 // StoreTimeout and is not cancelled when one of the callers waiting for it
 // goes away.
-func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*CachedKey, error) {
+func (c *CachedStore) Lookup(ctx context.Context, d Digest) (CachedKey, error) {
 	if c.disabled.Load() {
 		return c.lookupUncached(ctx, d)
 	}
@@ -416,65 +407,66 @@ func (c *CachedStore) Lookup(ctx context.Context, d Digest) (*CachedKey, error) 
 	gen := c.gen.Load()
 	if e, ok := c.pos.GetIfPresent(d); ok {
 		if c.servable(e, now, gen) {
-			return &e.CachedKey, nil
+			return e, nil
 		}
 		// Too old to be served while the store is reachable.
-		age := now - e.loadedAt
+		age := now - e.st.loadedAt.Load()
 		if !c.down.Load() {
 			c.obs.CacheLookup(LookupMiss)
 			fresh, err := c.reload(ctx, d)
 			if err == nil || errors.Is(err, ErrNotFound) {
-				return entryResult(fresh, err)
+				return fresh, err
 			}
 		}
-		if w := c.window.Load(); w > 0 && e.gen == gen && age < w {
+		if w := c.window.Load(); w > 0 && e.st.gen.Load() == gen && age < w {
 			c.obs.CacheLookup(LookupOutage)
-			return &e.CachedKey, nil
+			return e, nil
 		}
 		c.obs.CacheLookup(LookupUnavailable)
-		return nil, ErrUnavailable
+		return CachedKey{}, ErrUnavailable
 	}
 	if n, ok := c.neg.GetIfPresent(d); ok && n.gen == gen && now-n.loadedAt < c.ttl.Load() {
 		c.obs.CacheLookup(LookupNegativeHit)
-		return nil, ErrNotFound
+		return CachedKey{}, ErrNotFound
 	}
 	if c.down.Load() {
 		c.obs.CacheLookup(LookupUnavailable)
-		return nil, ErrUnavailable
+		return CachedKey{}, ErrUnavailable
 	}
 	c.obs.CacheLookup(LookupMiss)
 	e, err := c.pos.Get(ctx, d, c.loader)
 	if errors.Is(err, otter.ErrNotFound) {
 		err = ErrNotFound
 	}
-	return entryResult(e, err)
+	return e, err
 }
 
 // Peek returns the record with digest d if the cache can serve it as it
 // is (a hit, or a stale record being refreshed), without reading the
 // store; ok is false otherwise. It counts as a lookup (records the use,
 // reports a hit) when it finds one.
-func (c *CachedStore) Peek(d Digest) (k *CachedKey, ok bool) {
+func (c *CachedStore) Peek(d Digest) (k CachedKey, ok bool) {
 	if c.disabled.Load() {
-		return nil, false
+		return CachedKey{}, false
 	}
 	e, ok := c.pos.GetIfPresent(d)
 	if !ok || !c.servable(e, c.nowNano(), c.gen.Load()) {
-		return nil, false
+		return CachedKey{}, false
 	}
-	return &e.CachedKey, true
+	return e, true
 }
 
 // servable reports whether e may be served without reading the store, and
 // if so records the use and counts the lookup.
-func (c *CachedStore) servable(e *cacheEntry, now int64, gen uint64) bool {
-	if e.gen != gen {
+func (c *CachedStore) servable(e CachedKey, now int64, gen uint64) bool {
+	st := e.st
+	if st.gen.Load() != gen {
 		return false
 	}
-	if now-e.lastUsed.Load() >= usedResolution {
-		e.lastUsed.Store(now)
+	if now-st.lastUsed.Load() >= usedResolution {
+		st.lastUsed.Store(now)
 	}
-	age := now - e.loadedAt
+	age := now - st.loadedAt.Load()
 	if age < c.refresh.Load() {
 		c.obs.CacheLookup(LookupHit)
 		return true
@@ -486,16 +478,9 @@ func (c *CachedStore) servable(e *cacheEntry, now int64, gen uint64) bool {
 	return false
 }
 
-func entryResult(e *cacheEntry, err error) (*CachedKey, error) {
-	if err != nil {
-		return nil, err
-	}
-	return &e.CachedKey, nil
-}
-
 // reload re-reads a cached record that is too old, joining a read of it
 // that is already running. On failure the old record stays cached.
-func (c *CachedStore) reload(ctx context.Context, d Digest) (*cacheEntry, error) {
+func (c *CachedStore) reload(ctx context.Context, d Digest) (CachedKey, error) {
 	ch := c.pos.Refresh(ctx, d, c.loader)
 	select {
 	case res := <-ch:
@@ -503,20 +488,21 @@ func (c *CachedStore) reload(ctx context.Context, d Digest) (*cacheEntry, error)
 		case res.Err == nil:
 			return res.Value, nil
 		case errors.Is(res.Err, otter.ErrNotFound):
-			return nil, ErrNotFound
+			return CachedKey{}, ErrNotFound
 		default:
-			return nil, res.Err
+			return CachedKey{}, res.Err
 		}
 	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, ctx.Err())
+		return CachedKey{}, fmt.Errorf("%w: %w", ErrUnavailable, ctx.Err())
 	}
 }
 
 // lookupUncached reads d from the store, for a disabled cache.
-func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (*CachedKey, error) {
+func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (CachedKey, error) {
 	c.obs.CacheLookup(LookupBypass)
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(c.timeout.Load()))
 	defer cancel()
+	loadedAt := c.nowNano()
 	start := time.Now()
 	k, err := c.inner.ByDigest(ctx, d)
 	c.obs.StoreCall("by_digest", time.Since(start), err)
@@ -524,28 +510,26 @@ func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (*CachedKey,
 		err = ErrNotFound
 	}
 	if err != nil {
-		return nil, err
+		return CachedKey{}, err
 	}
-	ck := new(CachedKey)
-	ck.fill(k)
-	return ck, nil
+	return newCachedKey(k, loadedAt, c.gen.Load()), nil
 }
 
 // load reads one record for the cache (otter calls it on a miss and for
 // Refresh, once per digest however many lookups wait for it).
-func (c *CachedStore) load(ctx context.Context, d Digest) (*cacheEntry, error) {
+func (c *CachedStore) load(ctx context.Context, d Digest) (CachedKey, error) {
 	gen, seq := c.gen.Load(), c.seq.Load()
 	loadedAt := c.nowNano()
 	// A load of d that found nothing may have finished between the
 	// caller's look at the unknown digests and this load.
 	if n, ok := c.neg.GetIfPresent(d); ok && n.gen == gen && loadedAt-n.loadedAt < c.ttl.Load() {
-		return nil, otter.ErrNotFound
+		return CachedKey{}, otter.ErrNotFound
 	}
 	// Not cancelled with the first caller: others may be waiting for it.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Duration(c.timeout.Load()))
 	defer cancel()
 	start := time.Now()
-	k, err := c.inner.ByDigest(ctx, d)
+	k, sum, err := c.readOne(ctx, d)
 	c.obs.StoreCall("by_digest", time.Since(start), err)
 	if err == nil && !c.matches(k, d) {
 		err = ErrNotFound
@@ -554,8 +538,9 @@ func (c *CachedStore) load(ctx context.Context, d Digest) (*cacheEntry, error) {
 	case err == nil:
 		c.markUp()
 		c.neg.Invalidate(d)
-		e := c.newEntry(k, loadedAt, gen)
-		e.lastUsed.Store(loadedAt) // read for a request
+		e := newCachedKey(k, loadedAt, gen)
+		e.st.sum = sum
+		e.st.lastUsed.Store(loadedAt) // read for a request
 		return e, nil
 	case errors.Is(err, ErrNotFound):
 		c.markUp()
@@ -564,17 +549,26 @@ func (c *CachedStore) load(ctx context.Context, d Digest) (*cacheEntry, error) {
 		if c.seq.Load() == seq {
 			c.neg.Set(d, negEntry{loadedAt: loadedAt, gen: gen})
 		}
-		return nil, otter.ErrNotFound
+		return CachedKey{}, otter.ErrNotFound
 	default:
 		c.markDown(err)
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		return CachedKey{}, fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 }
 
-func (c *CachedStore) newEntry(k *Key, loadedAt int64, gen uint64) *cacheEntry {
-	e := &cacheEntry{loadedAt: loadedAt, gen: gen}
-	e.fill(k)
-	return e
+// readOne reads the record of d and, when the store hands records
+// undecoded, its checksum (else 0).
+func (c *CachedStore) readOne(ctx context.Context, d Digest) (*Key, uint64, error) {
+	if c.raw == nil {
+		k, err := c.inner.ByDigest(ctx, d)
+		return k, 0, err
+	}
+	raw, err := c.raw.RawByDigest(ctx, d)
+	if err != nil {
+		return nil, 0, err
+	}
+	k, err := c.raw.DecodeRecord(d, raw)
+	return k, maphash.String(c.seed, raw), err
 }
 
 // matches reports whether k, read from the store for digest d, is the
@@ -586,6 +580,12 @@ func (c *CachedStore) matches(k *Key, d Digest) bool {
 	}
 	c.obs.Error("key cache: the store returned a record under another digest; treated as missing", fmt.Errorf("key %s", k.ID))
 	return false
+}
+
+// expiry is how long otter keeps an entry after it was written (or
+// renewed): memory is reclaimed then. Freshness is decided by Lookup.
+func (c *CachedStore) expiry() time.Duration {
+	return time.Duration(max(c.ttl.Load(), c.window.Load()) + c.refresh.Load())
 }
 
 // refreshLoop re-reads, in batches, the records used in the last WarmFor
@@ -612,10 +612,11 @@ func (c *CachedStore) refreshDue() {
 	now, refresh, gen := c.nowNano(), c.refresh.Load(), c.gen.Load()
 	var (
 		due  []Digest
-		olds []*cacheEntry
+		olds []CachedKey
 	)
 	for d, e := range c.pos.All() {
-		if used := e.lastUsed.Load(); e.gen == gen && used != 0 && now-used < int64(WarmFor) && now-e.loadedAt >= refresh {
+		st := e.st
+		if used := st.lastUsed.Load(); st.gen.Load() == gen && used != 0 && now-used < int64(WarmFor) && now-st.loadedAt.Load() >= refresh {
 			due = append(due, d)
 			olds = append(olds, e)
 		}
@@ -627,11 +628,12 @@ func (c *CachedStore) refreshDue() {
 	}
 }
 
-// refreshBatch re-reads the records of ds and replaces each cached entry
-// that is still the one it was read for (olds): an entry invalidated or
+// refreshBatch re-reads the records of ds and updates each cached entry
+// that is still the one it was read for (olds); an entry invalidated or
 // replaced meanwhile is left alone. A record that has not changed since it
-// was last read raw (same checksum) is not decoded again.
-func (c *CachedStore) refreshBatch(ds []Digest, olds []*cacheEntry) {
+// was last read raw (same checksum) is not decoded again: its entry is
+// renewed in place, which costs no allocation.
+func (c *CachedStore) refreshBatch(ds []Digest, olds []CachedKey) {
 	gen := c.gen.Load()
 	loadedAt := c.nowNano()
 	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.timeout.Load()))
@@ -646,24 +648,36 @@ func (c *CachedStore) refreshBatch(ds []Digest, olds []*cacheEntry) {
 	c.markUp()
 	for i, d := range ds {
 		old, next := olds[i], nexts[i]
-		c.pos.ComputeIfPresent(d, func(cur *cacheEntry) (*cacheEntry, otter.ComputeOp) {
+		renewed := false
+		c.pos.ComputeIfPresent(d, func(cur CachedKey) (CachedKey, otter.ComputeOp) {
 			switch {
-			case cur != old:
+			case cur.st != old.st: // invalidated or replaced meanwhile
 				return cur, otter.CancelOp
-			case next == nil: // gone from the store, or unreadable
+			case next.st == nil: // gone from the store, or unreadable
 				return cur, otter.InvalidateOp
+			case next.st == old.st: // unchanged
+				cur.st.loadedAt.Store(loadedAt)
+				cur.st.gen.Store(gen)
+				renewed = true
+				return cur, otter.CancelOp
 			default:
-				next.lastUsed.Store(old.lastUsed.Load())
+				next.st.lastUsed.Store(old.st.lastUsed.Load())
 				return next, otter.WriteOp
 			}
 		})
+		if renewed {
+			// Not inside the function above: it holds otter's lock.
+			c.pos.SetExpiresAfter(d, c.expiry())
+		}
 	}
 }
 
-// readBatch reads the records of ds from the store and returns the entries
-// to replace olds with (nil where a record is gone or cannot be decoded).
-func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []*cacheEntry, loadedAt int64, gen uint64) ([]*cacheEntry, error) {
-	nexts := make([]*cacheEntry, len(ds))
+// readBatch reads the records of ds from the store and returns what to
+// replace olds with: a new entry for a changed record, the old entry for
+// an unchanged one, and a zero CachedKey where a record is gone or cannot
+// be decoded.
+func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []CachedKey, loadedAt int64, gen uint64) ([]CachedKey, error) {
+	nexts := make([]CachedKey, len(ds))
 	if c.raw == nil {
 		keys, err := c.readMany(ctx, ds)
 		if err != nil {
@@ -671,7 +685,7 @@ func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []*cacheE
 		}
 		for i, k := range keys {
 			if k != nil && c.matches(k, ds[i]) {
-				nexts[i] = c.newEntry(k, loadedAt, gen)
+				nexts[i] = newCachedKey(k, loadedAt, gen)
 			}
 		}
 		return nexts, nil
@@ -687,10 +701,8 @@ func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []*cacheE
 			continue
 		}
 		sum := maphash.String(c.seed, raw)
-		if old := olds[i]; old.sum == sum {
-			next := &cacheEntry{loadedAt: loadedAt, gen: gen, sum: sum}
-			next.copyFrom(&old.CachedKey)
-			nexts[i] = next
+		if olds[i].st.sum == sum {
+			nexts[i] = olds[i]
 			continue
 		}
 		k, err := c.raw.DecodeRecord(ds[i], raw)
@@ -698,8 +710,8 @@ func (c *CachedStore) readBatch(ctx context.Context, ds []Digest, olds []*cacheE
 			c.obs.Error("key cache: a stored key record cannot be decoded; dropped from the cache", err)
 			continue
 		}
-		nexts[i] = c.newEntry(k, loadedAt, gen)
-		nexts[i].sum = sum
+		nexts[i] = newCachedKey(k, loadedAt, gen)
+		nexts[i].st.sum = sum
 	}
 	return nexts, nil
 }
@@ -864,7 +876,7 @@ func (c *CachedStore) Create(ctx context.Context, k *Key) error {
 	c.seq.Add(1)
 	c.neg.Invalidate(k.Digest)
 	if !c.disabled.Load() {
-		c.pos.Set(k.Digest, c.newEntry(k, loadedAt, gen))
+		c.pos.Set(k.Digest, newCachedKey(k, loadedAt, gen))
 	}
 	c.publish(ctx, Invalidation{Digest: k.Digest, Created: true})
 	return nil

@@ -159,7 +159,7 @@ func (f *cacheFixture) storeRaw(t *testing.T) *Key {
 	return k
 }
 
-func lookupOK(t *testing.T, c *CachedStore, d Digest) *CachedKey {
+func lookupOK(t *testing.T, c *CachedStore, d Digest) CachedKey {
 	t.Helper()
 	k, err := c.Lookup(context.Background(), d)
 	if err != nil {
@@ -225,7 +225,7 @@ func TestCacheHitMissNegative(t *testing.T) {
 }
 
 // revoked reports whether ck is revoked now.
-func revoked(ck *CachedKey) bool { return ck.Status(time.Now()) == StatusRevoked }
+func revoked(ck CachedKey) bool { return ck.Status(time.Now()) == StatusRevoked }
 
 // TestCacheNegativeFlood sends many lookups of a few fake digests at once:
 // the store sees one GET per digest.
@@ -343,6 +343,7 @@ func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 		t.Fatal(err)
 	}
 	created, _ := f.cache.pos.GetIfPresent(unused.Digest)
+	createdLoaded := created.st.loadedAt.Load()
 	lookupOK(t, f.cache, k.Digest) // read for a request: in use
 
 	for range 3 {
@@ -350,20 +351,18 @@ func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 		mgets := commandCalls(t, f.rdb, "mget")
 		waitFor(t, "a background refresh", func() bool { return commandCalls(t, f.rdb, "mget") > mgets })
 	}
+	// The entry is updated just after the MGET is answered.
 	e, _ := f.cache.pos.GetIfPresent(k.Digest)
-	if f.clock.Now().UnixNano()-e.loadedAt >= int64(time.Second) {
-		t.Error("the record in use was not kept fresh")
-	}
-
-	// An unchanged record is not decoded again; a changed one is.
-	f.clock.Advance(time.Second)
-	mgets := commandCalls(t, f.rdb, "mget")
-	waitFor(t, "a background refresh", func() bool { return commandCalls(t, f.rdb, "mget") > mgets })
-	waitFor(t, "the refreshed entry", func() bool {
-		e2, _ := f.cache.pos.GetIfPresent(k.Digest)
-		return e2 != e
+	waitFor(t, "the record in use to be kept fresh", func() bool {
+		return f.clock.Now().UnixNano()-e.st.loadedAt.Load() < int64(time.Second)
 	})
-	if e2, _ := f.cache.pos.GetIfPresent(k.Digest); unsafe.StringData(e2.text) != unsafe.StringData(e.text) {
+
+	// An unchanged record is not decoded again: its entry is renewed in
+	// place. A changed one is replaced.
+	f.clock.Advance(time.Second)
+	renewedFrom := e.st.loadedAt.Load()
+	waitFor(t, "the entry to be renewed", func() bool { return e.st.loadedAt.Load() > renewedFrom })
+	if e2, _ := f.cache.pos.GetIfPresent(k.Digest); e2.st != e.st || unsafe.StringData(e2.text) != unsafe.StringData(e.text) {
 		t.Error("an unchanged record was decoded again")
 	}
 	if _, err := f.raw.Revoke(context.Background(), k.ID, time.Now()); err != nil {
@@ -372,15 +371,15 @@ func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 	f.clock.Advance(time.Second)
 	waitFor(t, "the background refresh to pick up the change", func() bool {
 		e2, _ := f.cache.pos.GetIfPresent(k.Digest)
-		return revoked(&e2.CachedKey)
+		return revoked(e2) && e2.st != e.st
 	})
-	if e, _ := f.cache.pos.GetIfPresent(unused.Digest); e != created {
+	if e, _ := f.cache.pos.GetIfPresent(unused.Digest); e.st != created.st || e.st.loadedAt.Load() != createdLoaded {
 		t.Error("a record never used was re-read")
 	}
 
 	f.clock.Advance(WarmFor)
 	time.Sleep(300 * time.Millisecond) // a refresh already under way ends
-	mgets = commandCalls(t, f.rdb, "mget")
+	mgets := commandCalls(t, f.rdb, "mget")
 	time.Sleep(300 * time.Millisecond) // several loop ticks
 	if n := commandCalls(t, f.rdb, "mget") - mgets; n != 0 {
 		t.Errorf("%d MGETs for records unused for %v, want 0", n, WarmFor)

@@ -4,19 +4,28 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unique"
 )
 
-// CachedKey is the compact, read-only form in which a [CachedStore] keeps a
-// key record: only what validating a request needs. A cache of many keys
-// lives in the heap of a busy server, where every object is marked by the
-// garbage collector on every cycle; so a CachedKey keeps its strings in one
-// allocation (ID, owner and scopes back to back), its times without a Location,
-// and boxes the values a caller hands on as interface values once, when it
-// is cached, not on every request. Together with its cache entry, a record
-// costs five or six heap objects (BenchmarkCacheFootprint measures it).
+// CachedKey is the compact form in which a [CachedStore] keeps a key record:
+// only what validating a request needs. A cache of many keys lives in the
+// heap of a busy server, where the garbage collector marks every object on
+// every cycle, and scans those that hold pointers; so a record costs four
+// heap objects, two of them pointer-free:
 //
-// A CachedKey is shared by every request that presents the key. Its methods
-// are safe for concurrent use.
+//   - the CachedKey itself, held by value inside the cache's node;
+//   - one string with the ID, owner and scopes back to back (no pointers);
+//   - the ID boxed as an interface value, once, so that handing it on as
+//     `any` (a Caddy placeholder) costs no allocation per request; the
+//     owner and scopes are boxed once per distinct value and shared
+//     (interned with package unique);
+//   - its mutable state (times of loading and use), pointer-free.
+//
+// Times are kept without a Location. BenchmarkCacheFootprint, in the
+// caddy-apikeys package, measures the bytes and objects per record.
+//
+// A CachedKey is a value: copies share its state, and its methods are safe
+// for concurrent use.
 type CachedKey struct {
 	text      string // ID, owner and Scopes(), back to back
 	idEnd     int
@@ -28,19 +37,39 @@ type CachedKey struct {
 	full      bool // full access: no scope allowlist
 	rotating  bool // replaced by a newer key, within its grace period
 
-	// The ID, owner and scopes boxed once (see IDValue).
-	idValue, ownerValue, scopesValue any
+	// The ID, owner and scopes as interface values (see IDValue).
+	idValue       any
+	owner, scopes unique.Handle[any]
 
-	noted atomic.Int64 // unix second of the last NoteUse that said true
+	st *entryState // shared by every copy
 }
 
-// fullAccessValue is the boxed scopes value of every full-access key.
-var fullAccessValue any = FullAccessScopes
+// entryState is the mutable part of a cached record, shared by every copy
+// of its CachedKey. It holds no pointer, so the garbage collector does not
+// scan it.
+type entryState struct {
+	loadedAt atomic.Int64  // unix nanoseconds when the store read started
+	gen      atomic.Uint64 // the cache's flush generation it was read in
+	lastUsed atomic.Int64  // unix nanoseconds, to usedResolution; 0: never
+	noted    atomic.Int64  // unix second of the last NoteUse that said true
+	sum      uint64        // maphash of the stored record if read raw, else 0; set before it is cached
+}
 
 // FullAccessScopes is what [CachedKey.Scopes] returns for a full-access key.
 const FullAccessScopes = "*"
 
-// fill sets ck (a zero CachedKey) from the record k.
+// newCachedKey returns the cached form of record k, read from the store at
+// loadedAt (unix nanoseconds) in flush generation gen.
+func newCachedKey(k *Key, loadedAt int64, gen uint64) CachedKey {
+	var ck CachedKey
+	ck.fill(k)
+	ck.st = new(entryState)
+	ck.st.loadedAt.Store(loadedAt)
+	ck.st.gen.Store(gen)
+	return ck
+}
+
+// fill sets ck's record fields (not its state) from k.
 func (ck *CachedKey) fill(k *Key) {
 	var b strings.Builder
 	n := len(k.ID) + len(k.Owner)
@@ -68,23 +97,16 @@ func (ck *CachedKey) fill(k *Key) {
 	ck.full = k.FullAccess()
 	ck.rotating = k.ReplacedBy != ""
 	ck.idValue = ck.ID()
-	ck.ownerValue = ck.Owner()
-	if ck.full {
-		ck.scopesValue = fullAccessValue
-	} else {
-		ck.scopesValue = ck.Scopes()
-	}
+	ck.owner = intern(ck.Owner())
+	ck.scopes = intern(ck.Scopes())
 }
 
-// copyFrom sets ck (a zero CachedKey) to the same record as src, sharing
-// its strings and boxed values.
-func (ck *CachedKey) copyFrom(src *CachedKey) {
-	ck.text, ck.idEnd, ck.ownerEnd = src.text, src.idEnd, src.ownerEnd
-	ck.revokedAt, ck.expiresAt = src.revokedAt, src.expiresAt
-	ck.revoked, ck.expires = src.revoked, src.expires
-	ck.full, ck.rotating = src.full, src.rotating
-	ck.idValue, ck.ownerValue, ck.scopesValue = src.idValue, src.ownerValue, src.scopesValue
-	ck.noted.Store(src.noted.Load())
+// intern returns s boxed as an interface value shared by every record with
+// the same value: keys of one owner, keys with the same scopes. The handle
+// keeps the value alive; it is dropped when no record holds it.
+func intern(s string) unique.Handle[any] {
+	// Cloned, so that the shared value does not hold a record's text.
+	return unique.Make[any](strings.Clone(s))
 }
 
 // ID returns the key's public ID.
@@ -108,10 +130,10 @@ func (ck *CachedKey) Scopes() string {
 func (ck *CachedKey) IDValue() any { return ck.idValue }
 
 // OwnerValue returns Owner() boxed once; see IDValue.
-func (ck *CachedKey) OwnerValue() any { return ck.ownerValue }
+func (ck *CachedKey) OwnerValue() any { return ck.owner.Value() }
 
 // ScopesValue returns Scopes() boxed once; see IDValue.
-func (ck *CachedKey) ScopesValue() any { return ck.scopesValue }
+func (ck *CachedKey) ScopesValue() any { return ck.scopes.Value() }
 
 // FullAccess reports whether the key carries no scope allowlist.
 func (ck *CachedKey) FullAccess() bool { return ck.full }
@@ -156,11 +178,12 @@ func (ck *CachedKey) Status(now time.Time) string {
 }
 
 // NoteUse reports whether a use of the key at now is the first one that
-// NoteUse has seen in now's second (on this cached copy of the record).
+// NoteUse has seen in now's second (for this cached record; a record read
+// again starts afresh).
 // A caller that records last-used times, which have second precision, can
 // so skip all but one use a second of a busy key.
 func (ck *CachedKey) NoteUse(now time.Time) bool {
 	sec := now.Unix()
-	last := ck.noted.Load()
-	return sec != last && ck.noted.CompareAndSwap(last, sec)
+	last := ck.st.noted.Load()
+	return sec != last && ck.st.noted.CompareAndSwap(last, sec)
 }

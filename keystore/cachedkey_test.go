@@ -31,8 +31,7 @@ func TestCachedKeyMatchesKey(t *testing.T) {
 		base.Add(time.Second), base.Add(2 * time.Hour), far.Add(time.Hour)}
 	probes := []string{"analytics:read", "events:write", "a", "", "analytics", "read", "events:write ", "*"}
 	for name, k := range keys {
-		var ck CachedKey
-		ck.fill(k)
+		ck := newCachedKey(k, 0, 0)
 		if ck.ID() != k.ID || ck.Owner() != k.Owner || ck.FullAccess() != k.FullAccess() {
 			t.Errorf("%s: ID %q owner %q full %v", name, ck.ID(), ck.Owner(), ck.FullAccess())
 		}
@@ -62,49 +61,38 @@ func TestCachedKeyMatchesKey(t *testing.T) {
 				t.Errorf("%s at %s: Active %v Status %s, want %v %s", name, now, ck.Active(now), ck.Status(now), k.Active(now), k.Status(now))
 			}
 		}
-		var cp CachedKey
-		cp.copyFrom(&ck)
-		if cp.text != ck.text || cp.Scopes() != ck.Scopes() || cp.Status(base) != ck.Status(base) {
-			t.Errorf("%s: copy differs", name)
-		}
 	}
 }
 
 func TestCachedKeyNoteUse(t *testing.T) {
-	var ck CachedKey
-	ck.fill(&Key{ID: "key_a", Owner: "o"})
+	ck := newCachedKey(&Key{ID: "key_a", Owner: "o"}, 0, 0)
+	cp := ck // copies share the state
 	t0 := time.Unix(1_800_000_000, 0)
 	steps := []struct {
 		at   time.Duration
 		want bool
 	}{{0, true}, {100 * time.Millisecond, false}, {999 * time.Millisecond, false}, {time.Second, true}, {1500 * time.Millisecond, false}, {5 * time.Second, true}}
 	for _, s := range steps {
-		if got := ck.NoteUse(t0.Add(s.at)); got != s.want {
+		use := ck.NoteUse
+		if s.at >= time.Second {
+			use = cp.NoteUse
+		}
+		if got := use(t0.Add(s.at)); got != s.want {
 			t.Errorf("NoteUse at +%s = %v, want %v", s.at, got, s.want)
 		}
 	}
 }
 
-// TestCachedKeyAllocs: caching a record allocates its strings once, and the
-// values handed on per request are not boxed again.
+// TestCachedKeyAllocs: caching a record allocates its text, its state and
+// its boxed ID (its owner and scopes are interned); handing the values on
+// allocates nothing.
 func TestCachedKeyAllocs(t *testing.T) {
 	k := &Key{ID: "key_0123456789abcdef", Owner: "user_1", Scopes: []string{"analytics:read", "events:write"}}
-	// The text, then the boxed ID, owner and scopes; a full-access key
-	// shares one boxed "*".
-	for _, tc := range []struct {
-		scopes []string
-		want   float64
-	}{{k.Scopes, 4}, {nil, 3}} {
-		k := &Key{ID: k.ID, Owner: k.Owner, Scopes: tc.scopes}
-		if n := testing.AllocsPerRun(100, func() {
-			var ck CachedKey
-			ck.fill(k)
-		}); n != tc.want {
-			t.Errorf("fill with scopes %v: %v allocations, want %v", tc.scopes, n, tc.want)
-		}
+	newCachedKey(k, 0, 0) // interns the owner and scopes
+	if n := testing.AllocsPerRun(100, func() { newCachedKey(k, 0, 0) }); n > 3+2*2 {
+		t.Errorf("newCachedKey: %v allocations", n)
 	}
-	var ck CachedKey
-	ck.fill(k)
+	ck := newCachedKey(k, 0, 0)
 	var sink any
 	if n := testing.AllocsPerRun(100, func() {
 		sink = ck.IDValue()
@@ -115,4 +103,9 @@ func TestCachedKeyAllocs(t *testing.T) {
 		t.Errorf("reading a cached key: %v allocations, want 0", n)
 	}
 	_ = sink
+	// Interned: one shared value per distinct owner.
+	other := newCachedKey(&Key{ID: "key_other", Owner: "user_1"}, 0, 0)
+	if other.owner != ck.owner || other.scopes == ck.scopes {
+		t.Error("owners or scopes are not interned")
+	}
 }

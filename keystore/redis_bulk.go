@@ -30,6 +30,19 @@ func (s *RedisStore) ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
 	return out, nil
 }
 
+// RawByDigest returns the stored record of d, undecoded (one GET), or
+// ErrNotFound.
+func (s *RedisStore) RawByDigest(ctx context.Context, d Digest) (string, error) {
+	raw, err := s.c.Get(ctx, s.digestKey(d.String())).Result()
+	if errors.Is(err, redis.Nil) {
+		return "", ErrNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("keystore: redis get key: %w", err)
+	}
+	return raw, nil
+}
+
 // RawByDigests returns the stored records of ds, undecoded, in order, with
 // "" for a digest that has no record. On a standalone server it is one
 // MGET; on a cluster, where MGET needs every key in one hash slot, it is one
