@@ -33,6 +33,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -68,6 +69,7 @@ var (
 	flagPin      = flag.Bool("pin", true, "run Caddy on the last CPU (GOMAXPROCS=1) and the rest on the others, with taskset")
 	flagCaddyEnv = flag.String("caddy-env", "", "extra environment of the Caddy processes, comma-separated (e.g. GODEBUG=gctrace=1)")
 	flagKeep     = flag.Bool("keep", false, "keep the working directory (configs and process logs) and print its path")
+	flagProfile  = flag.Duration("cpuprofile", 0, "after the measurements, profile each Caddy for this long under closed-loop load; profiles go to -out as <config>.pprof")
 	flagBackend  = flag.String("serve-backend", "", "internal: run as the backend on this address")
 )
 
@@ -76,6 +78,7 @@ type config struct {
 	Name    string `json:"name"`
 	Label   string `json:"label"`
 	addr    string
+	admin   string // Caddy's admin address, with -cpuprofile
 	guarded bool
 	target  *target
 }
@@ -255,6 +258,14 @@ func run(ctx context.Context) error {
 		}
 	}
 
+	if *flagProfile > 0 {
+		for _, c := range configs[1:] {
+			if err := cpuProfile(c, *flagProfile, seed); err != nil {
+				return err
+			}
+		}
+	}
+
 	rep := newReport(configs, runs, lat, rate, time.Since(started))
 	if err := rep.write(*flagOut); err != nil {
 		return err
@@ -319,8 +330,13 @@ func startCaddy(ctx context.Context, dir, bin string, c *config, backendAddr, re
 	case "apikeys-nocache":
 		guard = fmt.Sprintf("apikeys {\n\t\tstore redis redis://%s/0\n\t\tsecret {env.APIKEYS_SECRET}\n\t\tcache off\n\t}", redisAddr)
 	}
+	admin := "admin off"
+	if *flagProfile > 0 {
+		c.admin = freeAddr()
+		admin = "admin " + c.admin
+	}
 	cfg := fmt.Sprintf(`{
-	admin off
+	%s
 	auto_https off
 	persist_config off
 }
@@ -329,7 +345,7 @@ http://%s {
 	%s
 	reverse_proxy %s
 }
-`, c.addr, guard, backendAddr)
+`, admin, c.addr, guard, backendAddr)
 	path := filepath.Join(dir, c.Name+".Caddyfile")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		return err
@@ -522,4 +538,38 @@ func writeJSON(path string, v any) error {
 		return err
 	}
 	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// cpuProfile fetches a CPU profile of c's Caddy (from its admin endpoint)
+// taken while a closed-loop load runs, into <out>/<name>.pprof.
+func cpuProfile(c *config, d time.Duration, seed uint64) error {
+	if err := os.MkdirAll(*flagOut, 0o755); err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		closedLoop(c.target, *flagConns, d+2*time.Second, seed)
+	}()
+	time.Sleep(time.Second)
+	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.admin, int(d.Seconds()))
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("profile of %s: %s", c.Name, resp.Status)
+	}
+	f, err := os.Create(filepath.Join(*flagOut, c.Name+".pprof"))
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	<-done
+	log.Printf("wrote %s", f.Name())
+	return f.Close()
 }
