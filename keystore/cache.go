@@ -217,8 +217,10 @@ type CacheObserver interface {
 
 // CachedStore is a [Store] with an in-process cache of key records by
 // digest, fleet-wide invalidation and outage handling; see the file
-// comment. Create it with [NewCachedStore]. Methods other than ByDigest,
-// Lookup and the writes go straight to the underlying store.
+// comment. Create it with [NewCachedStore]. Lookup and Peek answer from
+// the cache, in the compact form of [CachedKey]; the writes go to the
+// store and invalidate; every other method, ByDigest included, goes
+// straight to the underlying store.
 type CachedStore struct {
 	inner       Store
 	bulk        bulkReader   // inner, if it reads many digests at once
