@@ -559,7 +559,9 @@ func (c *CachedStore) load(ctx context.Context, d Digest) (CachedKey, error) {
 }
 
 // readOne reads the record of d and, when the store hands records
-// undecoded, its checksum (else 0).
+// undecoded, its checksum (else 0). A record that cannot be decoded, or
+// that is another digest's, is reported and treated as missing, as in a
+// background refresh.
 func (c *CachedStore) readOne(ctx context.Context, d Digest) (*Key, uint64, error) {
 	if c.raw == nil {
 		k, err := c.inner.ByDigest(ctx, d)
@@ -570,7 +572,12 @@ func (c *CachedStore) readOne(ctx context.Context, d Digest) (*Key, uint64, erro
 		return nil, 0, err
 	}
 	k, err := c.raw.DecodeRecord(d, raw)
-	return k, maphash.String(c.seed, raw), err
+	if err != nil {
+		// The store answered: the record itself is unusable.
+		c.obs.Error("key cache: a stored key record cannot be decoded; treated as missing", err)
+		return nil, 0, ErrNotFound
+	}
+	return k, maphash.String(c.seed, raw), nil
 }
 
 // matches reports whether k, read from the store for digest d, is the

@@ -40,6 +40,7 @@ type countingObserver struct {
 	minted  int
 	revoked int
 	flushes int
+	errors  []string
 }
 
 func newCountingObserver() *countingObserver {
@@ -70,7 +71,10 @@ func (o *countingObserver) Invalidated(source string) {
 }
 func (o *countingObserver) KeyMinted()  { o.mu.Lock(); o.minted++; o.mu.Unlock() }
 func (o *countingObserver) KeyRevoked() { o.mu.Lock(); o.revoked++; o.mu.Unlock() }
-func (o *countingObserver) Error(string, error) {
+func (o *countingObserver) Error(msg string, _ error) {
+	o.mu.Lock()
+	o.errors = append(o.errors, msg)
+	o.mu.Unlock()
 }
 
 func (o *countingObserver) lookup(r LookupResult) int {
@@ -226,6 +230,36 @@ func TestCacheHitMissNegative(t *testing.T) {
 
 // revoked reports whether ck is revoked now.
 func revoked(ck CachedKey) bool { return ck.Status(time.Now()) == StatusRevoked }
+
+// TestCacheUnusableRecord: a stored record that cannot be decoded, or that
+// belongs to another digest (a corrupted or tampered store), is reported
+// and refused as unknown; it does not mark the store unreachable, which
+// would put every other key into outage mode.
+func TestCacheUnusableRecord(t *testing.T) {
+	f := newCacheFixture(t, CacheOptions{}, false)
+	other := f.storeRaw(t)
+	record, err := f.rdb.Get(context.Background(), f.raw.digestKey(other.Digest.String())).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{"another key's record": record, "not JSON": "{garbage"} {
+		d := newKey(t, "x", time.Now()).Digest
+		if err := f.rdb.Set(context.Background(), f.raw.digestKey(d.String()), body, 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.cache.Lookup(context.Background(), d); !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s: Lookup = %v, want ErrNotFound", name, err)
+		}
+		if !f.cache.StoreUp() {
+			t.Errorf("%s: the store was marked unreachable", name)
+		}
+	}
+	f.obs.mu.Lock()
+	defer f.obs.mu.Unlock()
+	if len(f.obs.errors) != 2 {
+		t.Errorf("reported errors %q, want 2", f.obs.errors)
+	}
+}
 
 // TestCacheNegativeFlood sends many lookups of a few fake digests at once:
 // the store sees one GET per digest.
