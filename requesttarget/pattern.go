@@ -9,12 +9,12 @@ import (
 // Pattern is a path pattern in the syntax of Caddy's `path` matcher,
 // matched case-sensitively against a decoded canonical path:
 //
-//	*            every path
-//	/exact       that path only
-//	/prefix/*    paths that start with "/prefix/"
-//	*.json       paths that end with ".json"
-//	*/admin/*    paths that contain "/admin/"
-//	/v1/*/items  a glob as [path.Match] reads it (a * stays within a segment)
+//   - every path
+//     /exact       that path only
+//     /prefix/*    paths that start with "/prefix/"
+//     *.json       paths that end with ".json"
+//     */admin/*    paths that contain "/admin/"
+//     /v1/*/items  a glob as [path.Match] reads it (a * stays within a segment)
 //
 // Unlike Caddy's matcher it does not fold case: RFC 9110 §4.2.3 makes path
 // comparison case-sensitive, and so are the common backends (Go's
