@@ -25,6 +25,7 @@ import (
 	"golang.org/x/net/http2/h2c"
 
 	"github.com/caddy-apikeys/caddy-apikeys/internal/backendpath"
+	"github.com/caddy-apikeys/caddy-apikeys/requesttarget"
 )
 
 // The edge tests hold the gateway to invariant 6 of DESIGN.md: the backend
@@ -748,4 +749,23 @@ func FuzzGuardTarget(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestCheckPathAgreesWithEscapedPath: the handler's shortcut (checking the
+// decoded path when the URL has no RawPath) decides as a check of the
+// escaped path would, for every target of the corpus and some that decode
+// to escapes.
+func TestCheckPathAgreesWithEscapedPath(t *testing.T) {
+	h := &Handler{}
+	targets := append(edgeCorpus(), "/a%2520b", "/a%2541", "/a%21b", "/a!b", "/a%25", "/caf%C3%A9", "/a%20b", "/a%3Bb", "/a(b)*")
+	for _, target := range targets {
+		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader("GET " + target + " HTTP/1.1\r\nHost: x\r\n\r\n")))
+		if err != nil {
+			continue
+		}
+		want := requesttarget.Check(req.URL.EscapedPath(), h.pathOpts)
+		if got := h.checkPath(req); (got == nil) != (want == nil) {
+			t.Errorf("%s: checkPath = %v, Check(EscapedPath) = %v", target, got, want)
+		}
+	}
 }

@@ -18,7 +18,7 @@ import (
 // requesttarget), so that every decision below is made on the path the
 // backend will read.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	if err := requesttarget.Check(r.URL.EscapedPath(), h.pathOpts); err != nil {
+	if err := h.checkPath(r); err != nil {
 		validationBadRequest.Inc()
 		return writeError(w, &apiError{status: http.StatusBadRequest, code: "non_canonical_path",
 			message: "The request path is not in canonical form: " + err.Error() + "."})
@@ -27,6 +27,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.serveManagement(w, r)
 	}
 	return h.guard(w, r, next)
+}
+
+// checkPath checks the path that reverse_proxy will send (the request URL's
+// escaped path) for canonical form. Without a RawPath and without '%', the
+// escaped path is the decoded one with only bytes escaped that Check
+// refuses unescaped (or allows either way, as '!'), so the cheaper check of
+// the decoded path decides unless it finds such a byte.
+func (h *Handler) checkPath(r *http.Request) error {
+	u := r.URL
+	if u.RawPath == "" && strings.IndexByte(u.Path, '%') < 0 {
+		if err := requesttarget.Check(u.Path, h.pathOpts); err != requesttarget.ErrIllegalByte {
+			return err
+		}
+	}
+	return requesttarget.Check(u.EscapedPath(), h.pathOpts)
 }
 
 // isManagementPath reports whether p is the management path or below it.
