@@ -91,7 +91,9 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 			return newCached(s, nil)
 		})
 		if err != nil {
-			return nil, "", nil, fmt.Errorf("apikeys: open store file %s: %w", abs, err)
+			// The secret too: a caller that tolerates a locked file
+			// (see startup.go) provisions on without the handle.
+			return nil, "", secret, fmt.Errorf("apikeys: open store file %s: %w", abs, err)
 		}
 		c, err := reuse(v, loaded, key)
 		return c, key, secret, err

@@ -1,0 +1,186 @@
+package apikeys
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
+)
+
+// operatorCaddyfile is a gateway on port with the default file store (or
+// storeLine), an admin endpoint on adminPort (0: admin off), the test
+// dashboard secret and one scope rule.
+func operatorCaddyfile(port, adminPort int, storeLine, extra string) string {
+	admin := "admin off"
+	if adminPort != 0 {
+		admin = fmt.Sprintf("admin 127.0.0.1:%d", adminPort)
+	}
+	return fmt.Sprintf(`{
+	%s
+	persist_config off
+	auto_https off
+}
+http://127.0.0.1:%d {
+	apikeys {
+		%s
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %s
+			audience %s
+		}
+		scope analytics:read GET /v1/analytics/*
+		%s
+	}
+	respond "owner={http.request.header.X-Api-Key-Owner}" 200
+}
+`, admin, port, storeLine, testIssuer, testAudience, extra)
+}
+
+// caddyCmd runs the test Caddy binary with args and the environment of the
+// Caddy process p (its data directory), and returns its combined output.
+func caddyCmd(t *testing.T, p *testcaddy.Process, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(testcaddy.Binary(t), args...)
+	cmd.Env = os.Environ()
+	if p != nil {
+		cmd.Env = append(cmd.Env, "XDG_DATA_HOME="+filepath.Join(p.Dir(), "data"), "XDG_CONFIG_HOME="+filepath.Join(p.Dir(), "config"))
+	}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// mintHTTP creates a key through the gateway at base and returns it.
+func mintHTTP(t *testing.T, base, owner, body string) createdKey {
+	t.Helper()
+	req, _ := http.NewRequest("POST", base+"/v1/apikeys", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+dashboardToken(t, owner))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 201 {
+		t.Fatalf("create: %d %s", resp.StatusCode, b)
+	}
+	var env struct{ Data createdKey }
+	if err := json.Unmarshal(b, &env); err != nil {
+		t.Fatal(err)
+	}
+	return env.Data
+}
+
+// getStatus sends GET base+path with the key and returns the status.
+func getStatus(t *testing.T, base, path, key string) int {
+	t.Helper()
+	req, _ := http.NewRequest("GET", base+path, nil)
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestValidateWhileRunning is the validate-then-reload workflow on the
+// default file store: `caddy validate` of the running config succeeds (with
+// a warning that the file is held), a second `caddy run` on the same file
+// still fails, naming the lock, and `caddy reload` reuses the open file.
+func TestValidateWhileRunning(t *testing.T) {
+	port, adminPort := testcaddy.FreePort(t), testcaddy.FreePort(t)
+	proc := testcaddy.Start(t, operatorCaddyfile(port, adminPort, "", ""), []string{fmt.Sprintf("127.0.0.1:%d", port)})
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	k := mintHTTP(t, base, "alice", `{"name":"v","scopes":["analytics:read"]}`)
+
+	cfg := filepath.Join(proc.Dir(), "Caddyfile")
+	start := time.Now()
+	out, err := caddyCmd(t, proc, "validate", "--config", cfg, "--adapter", "caddyfile")
+	if err != nil || !strings.Contains(out, "Valid configuration") {
+		t.Fatalf("caddy validate while Caddy runs: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "held by another process") {
+		t.Errorf("validate does not warn that the store file is held:\n%s", out)
+	}
+	if d := time.Since(start); d > 15*time.Second {
+		t.Errorf("validate took %v", d)
+	}
+
+	// A second Caddy on the same file must not start.
+	other := filepath.Join(t.TempDir(), "Caddyfile")
+	if err := os.WriteFile(other, []byte(operatorCaddyfile(testcaddy.FreePort(t), 0, "", "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run := exec.Command(testcaddy.Binary(t), "run", "--config", other, "--adapter", "caddyfile")
+	run.Env = append(os.Environ(), "XDG_DATA_HOME="+filepath.Join(proc.Dir(), "data"), "XDG_CONFIG_HOME="+t.TempDir())
+	done := make(chan struct{})
+	var runOut []byte
+	var runErr error
+	go func() { runOut, runErr = run.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		_ = run.Process.Kill()
+		<-done
+		t.Fatalf("a second caddy run on the same store file kept running:\n%s", runOut)
+	}
+	if runErr == nil || !strings.Contains(string(runOut), "locked by another process") {
+		t.Errorf("second caddy run on the same file: %v, want a failure naming the lock:\n%s", runErr, runOut)
+	}
+
+	// Reload (the new rule lets the key call /v1/reports) reuses the file.
+	if err := proc.Reload(operatorCaddyfile(port, adminPort, "", "scope analytics:read GET /v1/reports")); err != nil {
+		t.Fatalf("reload after validate: %v", err)
+	}
+	if s := getStatus(t, base, "/v1/reports", k.Key); s != 200 {
+		t.Errorf("key after reload: %d\n%s", s, proc.Logs())
+	}
+	k2 := mintHTTP(t, base, "alice", `{"name":"after reload"}`)
+	if s := getStatus(t, base, "/v1/analytics/x", k2.Key); s != 200 {
+		t.Errorf("key minted after reload: %d", s)
+	}
+}
+
+// TestRedisDownAtStart: with Redis down, Caddy starts (keys it caches keep
+// working once Redis is back), but both `caddy validate` and `caddy run`
+// log a warning naming the store and the error.
+func TestRedisDownAtStart(t *testing.T) {
+	rds := testredis.Start(t)
+	url := rds.URL()
+	rds.Stop()
+	storeLine := "store redis " + url + "\n\t\tsecret {env.APIKEYS_TEST_SECRET}"
+
+	cfg := filepath.Join(t.TempDir(), "Caddyfile")
+	port := testcaddy.FreePort(t)
+	if err := os.WriteFile(cfg, []byte(operatorCaddyfile(port, 0, storeLine, "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := caddyCmd(t, nil, "validate", "--config", cfg, "--adapter", "caddyfile")
+	if err != nil || !strings.Contains(out, "Valid configuration") {
+		t.Fatalf("validate: %v\n%s", err, out)
+	}
+	var warn map[string]any
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, "key store unreachable at start") {
+			_ = json.Unmarshal([]byte(line[strings.Index(line, "{"):]), &warn)
+		}
+	}
+	if warn == nil || warn["level"] != "warn" || warn["store"] != "redis" || !strings.Contains(fmt.Sprint(warn["error"]), "refused") {
+		t.Errorf("validate with Redis down does not warn with the store and the error:\n%s", out)
+	}
+
+	proc := testcaddy.Start(t, operatorCaddyfile(port, 0, storeLine, ""), []string{fmt.Sprintf("127.0.0.1:%d", port)})
+	if !strings.Contains(proc.Logs(), "key store unreachable at start") {
+		t.Errorf("caddy run with Redis down logs no warning:\n%s", proc.Logs())
+	}
+}
