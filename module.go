@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net/http"
 	"path"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -429,6 +430,13 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxKeysPerOwner < 1 {
 		return errors.New("apikeys: max_keys_per_owner must be at least 1")
+	}
+	for i, rule := range h.ScopeRules {
+		for _, m := range rule.Methods {
+			if err := checkMethod(strings.ToUpper(m)); err != nil {
+				return fmt.Errorf("apikeys: scope rule %d (%s): %w", i+1, rule.Scope, err)
+			}
+		}
 	}
 	for _, o := range h.CORSOrigins {
 		if !validOrigin(o) {

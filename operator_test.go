@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
 )
@@ -182,5 +184,45 @@ func TestRedisDownAtStart(t *testing.T) {
 	proc := testcaddy.Start(t, operatorCaddyfile(port, 0, storeLine, ""), []string{fmt.Sprintf("127.0.0.1:%d", port)})
 	if !strings.Contains(proc.Logs(), "key store unreachable at start") {
 		t.Errorf("caddy run with Redis down logs no warning:\n%s", proc.Logs())
+	}
+}
+
+// TestProvisionErrorsNameSubdirectives: mistakes found only once the config
+// is loaded (placeholders resolved, JSON written by hand) are reported in
+// the config's terms, with what a valid value looks like.
+func TestProvisionErrorsNameSubdirectives(t *testing.T) {
+	t.Setenv("APIKEYS_TEST_REDIS_URL", "127.0.0.1:6379")
+	for _, c := range []struct{ name, apikeys, want string }{
+		{"redis URL from env without scheme", "store redis {env.APIKEYS_TEST_REDIS_URL}\nsecret {env.APIKEYS_TEST_SECRET}",
+			"must start with its scheme, like redis://localhost:6379"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := loadCaddyfileErr(t, fmt.Sprintf("{\n\tadmin off\n}\nhttp://127.0.0.1:%d {\n\tapikeys {\n%s\n\t}\n}\n", freePort(t), c.apikeys))
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("got %v, want an error containing %q", err, c.want)
+			}
+			if err != nil && strings.Contains(err.Error(), "127.0.0.1:6379") {
+				t.Errorf("the error echoes the URL: %v", err)
+			}
+		})
+	}
+	// JSON configs skip the Caddyfile parser: the same checks hold.
+	for _, c := range []struct{ name, handler, want string }{
+		{"no key source", `{"handler":"apikeys","secret":"{env.APIKEYS_TEST_SECRET}","store":{"path":"%s"},"dashboard_jwt":{"issuer":"x"}}`,
+			"dashboard_jwt needs exactly one key source, got none"},
+		{"unknown method", `{"handler":"apikeys","secret":"{env.APIKEYS_TEST_SECRET}","store":{"path":"%s"},"scope_rules":[{"scope":"a:b","methods":["GTE"],"paths":["/a"]}]}`,
+			`unknown HTTP method "GTE"`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			handler := fmt.Sprintf(c.handler, filepath.Join(t.TempDir(), "keys.db"))
+			cfg := fmt.Sprintf(`{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:%d"],"routes":[{"handle":[%s]}]}}}}}`, freePort(t), handler)
+			err := caddy.Load([]byte(cfg), true)
+			if err == nil {
+				_ = caddy.Stop()
+			}
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("got %v, want an error containing %q", err, c.want)
+			}
+		})
 	}
 }

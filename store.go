@@ -112,6 +112,11 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 			if urls[i] == "" {
 				return nil, "", nil, fmt.Errorf("apikeys: store redis URL %d is empty after resolving placeholders", i+1)
 			}
+			if !keystore.IsSentinelURL(urls[i]) {
+				if _, err := parseRedisURL(urls[i]); err != nil {
+					return nil, "", nil, fmt.Errorf("apikeys: URL %d: %w", i+1, err)
+				}
+			}
 		}
 		// The pool key holds credentials; it never leaves this process.
 		key := fmt.Sprintf("redis:%s|%d|%d|%d|%s", cfg.Namespace, cfg.Retention, cfg.WaitReplicas, cfg.WaitTimeout, strings.Join(urls, "|"))
