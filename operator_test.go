@@ -1,6 +1,9 @@
 package apikeys
 
 import (
+	"bytes"
+	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,9 +16,11 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/spf13/cobra"
 
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
+	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
 )
 
 // operatorCaddyfile is a gateway on port with the default file store (or
@@ -224,5 +229,86 @@ func TestProvisionErrorsNameSubdirectives(t *testing.T) {
 				t.Errorf("got %v, want an error containing %q", err, c.want)
 			}
 		})
+	}
+}
+
+// TestDevTokenClaims: --claim adds claims (JSON values decoded, anything
+// else a string) to the dev token, and a malformed one is refused.
+func TestDevTokenClaims(t *testing.T) {
+	root := &cobra.Command{Use: "apikeys"}
+	addSubcommands(root)
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetArgs([]string{"dev-token", "--config", "Caddyfile.example", "--envfile", "example.env", "--owner", "alice",
+		"--claim", `scopes=["analytics:read"]`, "--claim", "org=acme", "--claim", "level=3", "--claim", "note=a=b"})
+	if err := root.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	parts := strings.Split(strings.TrimSpace(out.String()), ".")
+	if len(parts) != 3 {
+		t.Fatalf("not a JWT: %q", out.String())
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claims map[string]any
+	if err := json.Unmarshal(payload, &claims); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(claims["scopes"]) != "[analytics:read]" || claims["org"] != "acme" || claims["level"] != float64(3) ||
+		claims["note"] != "a=b" || claims["sub"] != "alice" || claims["iss"] != "caddy-apikeys-example" {
+		t.Errorf("claims = %v", claims)
+	}
+	v, err := jwtauth.New(context.Background(), jwtauth.Config{Secret: []byte(os.Getenv("APIKEYS_DASHBOARD_SECRET")),
+		Issuer: "caddy-apikeys-example", ScopesClaim: "scopes"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if _, err := v.Verify(strings.TrimSpace(out.String())); err != nil {
+		t.Errorf("the token with extra claims does not verify: %v", err)
+	}
+
+	root.SetArgs([]string{"dev-token", "--config", "Caddyfile.example", "--envfile", "example.env", "--claim", "novalue"})
+	if err := root.Execute(); err == nil || !strings.Contains(err.Error(), "name=value") {
+		t.Errorf("--claim without =: %v", err)
+	}
+}
+
+// TestCLIQuietAndStrict: commands print their result only (no log lines on
+// stderr unless --verbose), and a bad --status is an error, not an empty
+// list.
+func TestCLIQuietAndStrict(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(cfg, []byte(operatorCaddyfile(8080, 0, "store file "+filepath.Join(dir, "keys.db"), "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) (stdout, stderr string, err error) {
+		cmd := exec.Command(testcaddy.Binary(t), append([]string{"apikeys"}, args...)...)
+		var o, e strings.Builder
+		cmd.Stdout, cmd.Stderr = &o, &e
+		err = cmd.Run()
+		return o.String(), e.String(), err
+	}
+	for _, args := range [][]string{
+		{"create", "--config", cfg, "--owner", "ops", "--name", "quiet"},
+		{"list", "--config", cfg, "--owner", "ops"},
+		{"list", "--config", cfg, "--owner", "ops", "--status", "active", "--json"},
+		{"dev-token", "--config", cfg, "--owner", "ops"},
+	} {
+		stdout, stderr, err := run(args...)
+		if err != nil || stdout == "" || stderr != "" {
+			t.Errorf("%v: err=%v, stdout %d bytes, stderr:\n%s", args[0], err, len(stdout), stderr)
+		}
+	}
+	_, stderr, err := run("list", "--config", cfg, "--owner", "ops", "--verbose")
+	if err != nil || !strings.Contains(stderr, "using config from file") {
+		t.Errorf("list --verbose: %v, stderr:\n%s", err, stderr)
+	}
+	stdout, stderr, err := run("list", "--config", cfg, "--owner", "ops", "--status", "bogus")
+	if err == nil || stdout != "" || !strings.Contains(stderr, `--status "bogus"`) || !strings.Contains(stderr, "active, rotating, expired, revoked") {
+		t.Errorf("list --status bogus: err=%v\nstdout:\n%s\nstderr:\n%s", err, stdout, stderr)
 	}
 }
