@@ -21,6 +21,7 @@ import (
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
 	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
 // operatorCaddyfile is a gateway on port with the default file store (or
@@ -310,5 +311,43 @@ func TestCLIQuietAndStrict(t *testing.T) {
 	stdout, stderr, err := run("list", "--config", cfg, "--owner", "ops", "--status", "bogus")
 	if err == nil || stdout != "" || !strings.Contains(stderr, `--status "bogus"`) || !strings.Contains(stderr, "active, rotating, expired, revoked") {
 		t.Errorf("list --status bogus: err=%v\nstdout:\n%s\nstderr:\n%s", err, stdout, stderr)
+	}
+}
+
+// TestIdempotencyRetryAfter: a 409 idempotency_in_progress says to retry
+// when the request holding the key will have finished (within its
+// store_timeout, 500ms here), not after the 30 s lock; a holder past that
+// point has likely died, and then Retry-After is when the record can be
+// taken over.
+func TestIdempotencyRetryAfter(t *testing.T) {
+	g := startGateway(t, "file", "")
+	body := `{"name":"busy"}`
+	for _, c := range []struct {
+		name        string
+		lockedFor   time.Duration // LockedUntil - now
+		want, want2 string        // Retry-After, allowing for a second boundary
+	}{
+		{"holder just started", idempotencyLock, "1", "1"},
+		{"holder overdue", 10 * time.Second, "10", "9"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			idemKey := "busy-" + strings.ReplaceAll(c.name, " ", "-")
+			id, fp := idemIDs("alice", idemKey, body)
+			ctx, cancel := testCtx()
+			defer cancel()
+			rec := &keystore.IdempotencyRecord{Token: "holder", Fingerprint: fp, State: keystore.IdempotencyPending,
+				LockedUntil: time.Now().Add(c.lockedFor)}
+			if existing, err := g.store.ReserveIdempotency(ctx, id, rec, time.Hour); err != nil || existing != nil {
+				t.Fatal(err, existing)
+			}
+			resp := g.do(request{method: "POST", path: "/v1/apikeys", bearer: dashboardToken(t, "alice"), body: body,
+				header: map[string]string{"Idempotency-Key": idemKey}})
+			if resp.status != 409 || resp.errCode() != "idempotency_in_progress" {
+				t.Fatalf("got %d %s", resp.status, resp.body)
+			}
+			if ra := resp.header.Get("Retry-After"); ra != c.want && ra != c.want2 {
+				t.Errorf("Retry-After = %q, want %s", ra, c.want)
+			}
+		})
 	}
 }
