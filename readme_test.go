@@ -150,3 +150,73 @@ func TestReadmeTryIt(t *testing.T) {
 		})
 	}
 }
+
+// TestReadmeListsRedisKeys mints, uses (with an Idempotency-Key) and
+// revokes keys on a real Redis, then checks that every kind of Redis key
+// the store wrote is in README's list.
+func TestReadmeListsRedisKeys(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := startGateway(t, "redis", "last_used_interval 50ms")
+	k := g.create("alice", `{"name":"a"}`)
+	g.do(request{method: "POST", path: "/v1/apikeys", bearer: dashboardToken(t, "alice"), body: `{"name":"b"}`,
+		header: map[string]string{"Idempotency-Key": "readme-keys"}})
+	if r := g.do(request{method: "GET", path: "/v1/other", bearer: k.Key}); r.status != 200 {
+		t.Fatalf("using the key: %d", r.status)
+	}
+	ctx, cancel := testCtx()
+	defer cancel()
+	kinds := map[string]bool{}
+	for deadline := time.Now().Add(5 * time.Second); !kinds["used"] && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		keys, err := g.redis.Client(t).Keys(ctx, "*").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, key := range keys {
+			parts := strings.SplitN(key, ":", 3)
+			if len(parts) != 3 || parts[0] != "apikeys" {
+				t.Errorf("Redis key %q is not <namespace>:<kind>:<id>", key)
+				continue
+			}
+			kinds[parts[1]] = true
+		}
+	}
+	if len(kinds) < 5 {
+		t.Errorf("only %v written: the test no longer exercises every kind", kinds)
+	}
+	for kind := range kinds {
+		if !strings.Contains(string(readme), "`<namespace>:"+kind+":") {
+			t.Errorf("README does not list the Redis keys <namespace>:%s:…", kind)
+		}
+	}
+}
+
+// TestDocsStateGoModVersion: every Go version README.md and xcaddy.md
+// state is go.mod's.
+func TestDocsStateGoModVersion(t *testing.T) {
+	mod, err := os.ReadFile("go.mod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := regexp.MustCompile(`(?m)^go (\S+)$`).FindSubmatch(mod)
+	if want == nil {
+		t.Fatal("go.mod has no go line")
+	}
+	for _, f := range []string{"README.md", "xcaddy.md"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := regexp.MustCompile(`\bGo (1\.[0-9.]*[0-9])`).FindAllSubmatch(b, -1)
+		if len(found) == 0 {
+			t.Errorf("%s states no Go version", f)
+		}
+		for _, m := range found {
+			if string(m[1]) != string(want[1]) {
+				t.Errorf("%s says Go %s, go.mod says %s", f, m[1], want[1])
+			}
+		}
+	}
+}
