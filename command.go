@@ -27,7 +27,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "apikeys",
-		Usage: "<create|list|revoke|rotate|dev-token> --config <path> [flags]",
+		Usage: "<create|list|revoke|rotate|dev-token|backup|restore> --config <path> [flags]",
 		Short: "Manage API keys of the apikeys handler from the command line",
 		Long: `
 Tools for operators of the apikeys handler. Each command reads the config (a
@@ -40,10 +40,14 @@ environment (and --envfile), and works on the configured store directly.
   revoke     revoke a key by ID
   rotate     replace a key, keeping the old one working for --grace
   dev-token  print a dashboard JWT for trying the management API locally
+  backup     write a consistent copy of the file store, also while Caddy runs
+  restore    replace the file store with such a copy (Caddy stopped)
 
 The file store can be opened by one process at a time: stop Caddy (or use
-the HTTP API) to manage keys in a file store. Redis stores can be managed
-while Caddy runs.
+the HTTP API) to manage keys in a file store; backup goes through a running
+Caddy's admin API. Redis stores can be managed while Caddy runs.
+
+Commands print their result only; --verbose also logs loading the config.
 `,
 		CobraFunc: addSubcommands,
 	})
@@ -118,6 +122,7 @@ development: in production the dashboard issues tokens.
 	rotate.Flags().Duration("grace", DefaultGracePeriod, "How long the old key keeps working (0 to 720h)")
 
 	cmd.AddCommand(dev, create, list, revoke, rotate)
+	addBackupCommands(cmd, configFlags)
 }
 
 // openFromConfig loads the config and sets up its first apikeys handler's

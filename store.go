@@ -66,13 +66,9 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 	}
 	switch cfg.Type {
 	case "", "file":
-		p := repl.ReplaceKnown(cfg.Path, "")
-		if p == "" {
-			p = filepath.Join(caddy.AppDataDir(), "apikeys", "keys.db")
-		}
-		abs, err := filepath.Abs(p)
+		abs, err := storeFilePath(cfg, repl)
 		if err != nil {
-			return nil, "", nil, fmt.Errorf("apikeys: store file path: %w", err)
+			return nil, "", nil, err
 		}
 		var secret []byte
 		if wantSecret {
@@ -145,6 +141,19 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 	default:
 		return nil, "", nil, fmt.Errorf("apikeys: unknown store type %q (want file or redis)", cfg.Type)
 	}
+}
+
+// storeFilePath is the absolute path of a file store's database.
+func storeFilePath(cfg *StoreConfig, repl *caddy.Replacer) (string, error) {
+	p := repl.ReplaceKnown(cfg.Path, "")
+	if p == "" {
+		p = filepath.Join(caddy.AppDataDir(), "apikeys", "keys.db")
+	}
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", fmt.Errorf("apikeys: store file path: %w", err)
+	}
+	return abs, nil
 }
 
 // cacheOptions turns the Cache config into keystore options.
