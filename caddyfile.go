@@ -54,6 +54,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		}
 //		scopes <scope>...
 //		scope <scope> [<METHOD>...] <path>...
+//		allow_encoded_slashes
 //		max_expires_in_days <n>
 //		idempotency_ttl <duration>
 //		require_idempotency_key
@@ -89,6 +90,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // wait_replicas makes every write of a new key wait until n replicas
 // acknowledged it (Redis WAIT, at most timeout, default 1s), so a failover
 // cannot lose a key already answered with 201; use it with Sentinel.
+//
+// Request paths that are not canonical (dot segments, encoded separators,
+// `;`, `//`, needless or double encoding, invalid UTF-8) are refused with
+// 400 non_canonical_path; allow_encoded_slashes lets `%2F` through (see
+// Handler.AllowEncodedSlashes for its risk). Scope rule paths are matched
+// case-sensitively, and a rule naming GET also covers HEAD.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if d.NextArg() {
@@ -157,6 +164,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.RequireIdempotencyKey = true
+		case "allow_encoded_slashes":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.AllowEncodedSlashes = true
 		case "realm":
 			if err := singleArg(d, &h.Realm); err != nil {
 				return err

@@ -3,7 +3,10 @@ package apikeys
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/textproto"
+	"slices"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -12,18 +15,19 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+	"github.com/caddy-apikeys/caddy-apikeys/requesttarget"
 )
 
-// compiledRule is a ScopeRule with its matchers provisioned.
+// compiledRule is a ScopeRule with its methods and path patterns ready.
 type compiledRule struct {
 	scope   string
-	methods caddyhttp.MatchMethod
-	paths   caddyhttp.MatchPath
+	methods []string // exact, case-sensitive; GET brings HEAD; empty: any
+	paths   []requesttarget.Pattern
 }
 
 // compileScopes validates the declared scopes and scope rules and builds
 // their matchers.
-func (h *Handler) compileScopes(ctx caddy.Context) error {
+func (h *Handler) compileScopes() error {
 	h.declared = make(map[string]struct{})
 	for _, s := range h.Scopes {
 		if !validScope(s) {
@@ -39,12 +43,21 @@ func (h *Handler) compileScopes(ctx caddy.Context) error {
 		if len(rule.Paths) == 0 {
 			return fmt.Errorf("apikeys: scope rule %d (%s): at least one path is required", i+1, rule.Scope)
 		}
-		cr := compiledRule{scope: rule.Scope, paths: caddyhttp.MatchPath(append([]string(nil), rule.Paths...))}
+		cr := compiledRule{scope: rule.Scope}
 		for _, m := range rule.Methods {
 			cr.methods = append(cr.methods, strings.ToUpper(m))
 		}
-		if err := cr.paths.Provision(ctx); err != nil {
-			return fmt.Errorf("apikeys: scope rule %d (%s): %w", i+1, rule.Scope, err)
+		// HEAD is GET without the body (RFC 9110 §9.3.2): a rule that
+		// allows GET allows HEAD, as Go's ServeMux routes it.
+		if slices.Contains(cr.methods, http.MethodGet) && !slices.Contains(cr.methods, http.MethodHead) {
+			cr.methods = append(cr.methods, http.MethodHead)
+		}
+		for _, p := range rule.Paths {
+			pt, err := requesttarget.ParsePattern(p)
+			if err != nil {
+				return fmt.Errorf("apikeys: scope rule %d (%s): %w", i+1, rule.Scope, err)
+			}
+			cr.paths = append(cr.paths, pt)
 		}
 		h.rules = append(h.rules, cr)
 		h.declared[rule.Scope] = struct{}{}
@@ -56,6 +69,10 @@ func (h *Handler) compileScopes(ctx caddy.Context) error {
 // passes the request on with the caller's identity.
 func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	h.stripIdentityHeaders(r)
+	if err := h.hopByHopHygiene(r); err != nil {
+		validationBadRequest.Inc()
+		return writeError(w, err)
+	}
 	token, ok := bearerToken(r)
 	if !ok {
 		validationNoKey.Inc()
@@ -141,9 +158,126 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if key.NoteUse(now) {
 		h.usage.touch(key.ID(), now)
 	}
+	if r.Trailer != nil || r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody {
+		// The body may end in trailers: drop protected ones as they arrive.
+		r.Body = &trailerScrubber{ReadCloser: r.Body, r: r, h: h}
+	}
 	validationAccepted.Inc()
 	h.debug("api key accepted", &key)
 	return next.ServeHTTP(w, r)
+}
+
+// hopByHopHygiene keeps the client from changing, through HTTP's hop-by-hop
+// machinery, what the guard tells the backend:
+//
+//   - a Connection header token naming Authorization or an identity header
+//     is removed (reverse_proxy deletes the headers that Connection names,
+//     after the guard has set them);
+//   - an Upgrade to anything but WebSocket (h2c above all) is removed with
+//     its HTTP2-Settings, so the request is an ordinary one (RFC 9110 §7.8
+//     lets a server ignore Upgrade); a tunnel the guard cannot read into
+//     would carry later requests past it;
+//   - trailers declared (Trailer header) under a protected name are refused
+//     with 400 forbidden_trailer; undeclared ones are dropped at the end of
+//     the body by trailerScrubber.
+//
+// Names are compared as stripIdentityHeaders does: without case, with '_'
+// and '.' read as '-'.
+func (h *Handler) hopByHopHygiene(r *http.Request) *apiError {
+	hdr := r.Header
+	if vals, ok := hdr["Connection"]; ok && h.namesProtected(vals) {
+		var kept []string
+		for _, v := range vals {
+			for tok := range strings.SplitSeq(v, ",") {
+				if tok = textproto.TrimString(tok); tok != "" && !h.isProtected(tok) {
+					kept = append(kept, tok)
+				}
+			}
+		}
+		if len(kept) == 0 {
+			delete(hdr, "Connection")
+		} else {
+			hdr["Connection"] = []string{strings.Join(kept, ", ")}
+		}
+	}
+	if up, ok := hdr["Upgrade"]; ok && !onlyWebSocket(up) {
+		delete(hdr, "Upgrade")
+		delete(hdr, "Http2-Settings")
+	}
+	for name := range r.Trailer {
+		if h.isProtected(name) {
+			return &apiError{status: http.StatusBadRequest, code: "forbidden_trailer",
+				message: "The request declares a trailer field named " + name + ", which only the gateway may set."}
+		}
+	}
+	return nil
+}
+
+// namesProtected reports whether Connection header values name a protected
+// header. It does not allocate.
+func (h *Handler) namesProtected(vals []string) bool {
+	for _, v := range vals {
+		for v != "" {
+			tok := v
+			if i := strings.IndexByte(v, ','); i >= 0 {
+				tok, v = v[:i], v[i+1:]
+			} else {
+				v = ""
+			}
+			if h.isProtected(textproto.TrimString(tok)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// isProtected reports whether a header field name is one only the gateway
+// may set (or, for Authorization, that it consumes).
+func (h *Handler) isProtected(name string) bool {
+	for _, p := range h.protected {
+		if sameHeaderLoosely(name, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// onlyWebSocket reports whether Upgrade header values ask for WebSocket and
+// nothing else.
+func onlyWebSocket(vals []string) bool {
+	seen := false
+	for _, v := range vals {
+		for tok := range strings.SplitSeq(v, ",") {
+			if !strings.EqualFold(textproto.TrimString(tok), "websocket") {
+				return false
+			}
+			seen = true
+		}
+	}
+	return seen
+}
+
+// trailerScrubber removes protected fields from the request's trailers
+// when the body reaches its end: net/http fills Request.Trailer then, with
+// every trailer field received over HTTP/1.1, declared or not, and
+// reverse_proxy forwards what it finds there.
+type trailerScrubber struct {
+	io.ReadCloser
+	r *http.Request
+	h *Handler
+}
+
+func (s *trailerScrubber) Read(p []byte) (int, error) {
+	n, err := s.ReadCloser.Read(p)
+	if err == io.EOF {
+		for name := range s.r.Trailer {
+			if s.h.isProtected(name) {
+				delete(s.r.Trailer, name)
+			}
+		}
+	}
+	return n, err
 }
 
 // lookupPrevious looks a key up under the previous secrets' digests, after
@@ -208,16 +342,33 @@ func sameHeaderLoosely(a, b string) bool {
 // allowed reports whether key may make request r. required lists the scopes
 // of the rules that match (nil when none does, so a full-access key is
 // needed).
+//
+// Rules match the decoded path, which ServeHTTP has checked is canonical,
+// so every common backend routes it to the same handler. Where the site
+// allows encoded slashes, a path holding one is read two ways (the encoded
+// slash as a separator, and kept inside its segment), and the key must be
+// allowed under both readings.
 func (h *Handler) allowed(key *keystore.CachedKey, r *http.Request) (required []string, ok bool) {
 	if key.FullAccess() {
 		return nil, true
 	}
+	required, ok = h.allowedPath(key, r.Method, r.URL.Path, nil)
+	if ok && h.AllowEncodedSlashes {
+		if view, split := requesttarget.SplitView(r.URL.EscapedPath()); split {
+			required, ok = h.allowedPath(key, r.Method, view, nil)
+		}
+	}
+	return required, ok
+}
+
+// allowedPath applies the scope rules to one reading of the path.
+func (h *Handler) allowedPath(key *keystore.CachedKey, method, p string, required []string) ([]string, bool) {
 	for i := range h.rules {
 		rule := &h.rules[i]
-		if len(rule.methods) > 0 && !rule.methods.Match(r) {
+		if len(rule.methods) > 0 && !slices.Contains(rule.methods, method) {
 			continue
 		}
-		if !rule.paths.Match(r) {
+		if !matchAny(rule.paths, p) {
 			continue
 		}
 		if key.HasScope(rule.scope) {
@@ -226,6 +377,15 @@ func (h *Handler) allowed(key *keystore.CachedKey, r *http.Request) (required []
 		required = append(required, rule.scope)
 	}
 	return required, false
+}
+
+func matchAny(patterns []requesttarget.Pattern, p string) bool {
+	for i := range patterns {
+		if patterns[i].Match(p) {
+			return true
+		}
+	}
+	return false
 }
 
 func (h *Handler) unauthorized(w http.ResponseWriter, code, msg string) error {

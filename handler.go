@@ -9,10 +9,20 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-apikeys/caddy-apikeys/requesttarget"
 )
 
 // ServeHTTP answers the management API itself and guards every other path.
+// Both first refuse a request whose path is not canonical (see package
+// requesttarget), so that every decision below is made on the path the
+// backend will read.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if err := requesttarget.Check(r.URL.EscapedPath(), h.pathOpts); err != nil {
+		validationBadRequest.Inc()
+		return writeError(w, &apiError{status: http.StatusBadRequest, code: "non_canonical_path",
+			message: "The request path is not in canonical form: " + err.Error() + "."})
+	}
 	if h.isManagementPath(r.URL.Path) {
 		return h.serveManagement(w, r)
 	}

@@ -23,7 +23,7 @@ const metricsNamespace = "caddy_apikeys"
 var (
 	metricValidations = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Name: "validations_total",
-		Help: "Guarded requests by outcome: accepted, no_key, malformed, unknown, revoked, expired, insufficient_scope, store_unavailable.",
+		Help: "Guarded requests by outcome: accepted, no_key, malformed, unknown, revoked, expired, insufficient_scope, store_unavailable, bad_request (a non-canonical path, on the management API too, or a forbidden trailer).",
 	}, []string{"result"})
 	metricCacheLookups = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Name: "cache_lookups_total",
@@ -76,6 +76,7 @@ var (
 	validationExpired           = metricValidations.WithLabelValues("expired")
 	validationInsufficientScope = metricValidations.WithLabelValues("insufficient_scope")
 	validationStoreUnavailable  = metricValidations.WithLabelValues("store_unavailable")
+	validationBadRequest        = metricValidations.WithLabelValues("bad_request")
 )
 
 // cacheLookupCounters holds one counter per keystore.LookupResult.

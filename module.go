@@ -25,6 +25,7 @@ import (
 
 	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+	"github.com/caddy-apikeys/caddy-apikeys/requesttarget"
 )
 
 func init() {
@@ -90,6 +91,17 @@ type Handler struct {
 	// rule that matches. A request no rule matches needs a full-access key.
 	ScopeRules []ScopeRule `json:"scope_rules,omitempty"`
 
+	// AllowEncodedSlashes lets request paths hold `%2F` (an encoded `/`)
+	// inside a segment, for APIs whose path parameters carry slashes. Every
+	// other non-canonical path is still refused with 400
+	// non_canonical_path (see package requesttarget), and a scoped key must
+	// be allowed both with the `%2F` read as a separator and with it kept
+	// inside its segment, since backends differ on which they do. Risk: a
+	// backend that decodes `%2F` and then removes dot segments or routes on
+	// the result sees a path the rules were not written for. Default: false
+	// (paths with `%2F` are refused).
+	AllowEncodedSlashes bool `json:"allow_encoded_slashes,omitempty"`
+
 	// MaxExpiresInDays caps `expires_in_days` on create. Default: 3650.
 	MaxExpiresInDays int `json:"max_expires_in_days,omitempty"`
 
@@ -139,6 +151,8 @@ type Handler struct {
 	sealers      []cipher.AEAD      // current first; the others open only
 	verifier     *jwtauth.Verifier
 	rules        []compiledRule
+	pathOpts     requesttarget.Options
+	protected    []string // header names no client may send, name in Connection or send as trailers
 	declared     map[string]struct{}
 	storeTimeout time.Duration
 	challenge    string
@@ -228,8 +242,10 @@ type CacheConfig struct {
 	DisablePubSub bool `json:"disable_pubsub,omitempty"`
 }
 
-// ScopeRule requires Scope for requests matching Methods (any, when empty)
-// and one of Paths (patterns as Caddy's `path` matcher reads them).
+// ScopeRule requires Scope for requests matching Methods (any, when empty;
+// GET also covers HEAD) and one of Paths: patterns in the syntax of Caddy's
+// `path` matcher, matched case-sensitively against the decoded canonical
+// path (see requesttarget.Pattern).
 type ScopeRule struct {
 	Scope   string   `json:"scope"`
 	Methods []string `json:"methods,omitempty"`
@@ -290,7 +306,7 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 	h.applyDefaults()
 	repl := caddy.NewReplacer()
 
-	if err := h.compileScopes(ctx); err != nil {
+	if err := h.compileScopes(); err != nil {
 		return err
 	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
@@ -412,6 +428,8 @@ func (h *Handler) applyDefaults() {
 	ids.Owner = http.CanonicalHeaderKey(ids.Owner)
 	ids.Scopes = http.CanonicalHeaderKey(ids.Scopes)
 	h.challenge = fmt.Sprintf("Bearer realm=%q", h.Realm)
+	h.pathOpts = requesttarget.Options{AllowEncodedSlash: h.AllowEncodedSlashes}
+	h.protected = []string{"Authorization", ids.ID, ids.Owner, ids.Scopes}
 }
 
 // Validate checks the configuration for mistakes.
