@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -86,8 +87,11 @@ func serveBackup(w http.ResponseWriter, r *http.Request) error {
 	defer func() { _, _ = stores.Delete(key) }()
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Cache-Control", "no-store")
-	if _, err := v.(pooledStore).Store.(*keystore.CachedStore).Snapshot(w); err != nil {
-		// The status is sent; the client's check of the copy fails.
+	// With the length announced, a copy cut short is an error for the
+	// client, never a shorter file.
+	size := func(n int64) { w.Header().Set("Content-Length", strconv.FormatInt(n, 10)) }
+	if _, err := v.(pooledStore).Store.(*keystore.CachedStore).Snapshot(w, size); err != nil {
+		// The status is sent; the client sees a short body.
 		caddy.Log().Named("admin.api.apikeys").Error("snapshot of the key store failed midway")
 		return nil
 	}
@@ -206,7 +210,11 @@ func snapshotThroughAdmin(cfgJSON []byte, configFile, storePath string, w io.Wri
 		return 0, fmt.Errorf("%s is held by another process, and asking the admin API at %s for a copy failed (stop Caddy, or give it an admin endpoint): %w", storePath, addr, err)
 	}
 	defer resp.Body.Close()
-	return io.Copy(w, resp.Body)
+	n, err := io.Copy(w, resp.Body)
+	if err == nil && n != resp.ContentLength {
+		err = fmt.Errorf("the admin API sent %d of %d bytes", n, resp.ContentLength)
+	}
+	return n, err
 }
 
 func runRestore(cmd *cobra.Command, args []string) error {

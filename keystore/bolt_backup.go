@@ -19,9 +19,14 @@ var ErrNoSnapshot = errors.New("keystore: only a bbolt file store can be snapsho
 // Snapshot writes a consistent copy of the whole database file to w and
 // returns its size. It runs in one read transaction, so writers go on
 // meanwhile, and the copy is a valid bbolt file as of the moment it began.
-func (s *BoltStore) Snapshot(w io.Writer) (int64, error) {
+// size, if not nil, is called with the number of bytes the copy will have
+// before anything is written (for a Content-Length, say).
+func (s *BoltStore) Snapshot(w io.Writer, size func(int64)) (int64, error) {
 	var n int64
 	err := s.db.View(func(tx *bolt.Tx) error {
+		if size != nil {
+			size(tx.Size())
+		}
 		var err error
 		n, err = tx.WriteTo(w)
 		return err
@@ -31,12 +36,12 @@ func (s *BoltStore) Snapshot(w io.Writer) (int64, error) {
 
 // Snapshot writes a consistent copy of the underlying bbolt store to w (see
 // [BoltStore.Snapshot]), or returns [ErrNoSnapshot].
-func (c *CachedStore) Snapshot(w io.Writer) (int64, error) {
+func (c *CachedStore) Snapshot(w io.Writer, size func(int64)) (int64, error) {
 	b, ok := c.inner.(*BoltStore)
 	if !ok {
 		return 0, ErrNoSnapshot
 	}
-	return b.Snapshot(w)
+	return b.Snapshot(w, size)
 }
 
 // BoltFileInfo describes a bbolt key store file, as [InspectBolt] read it.
@@ -110,5 +115,5 @@ func SnapshotBoltFile(path string, w io.Writer, timeout time.Duration) (int64, e
 	}
 	defer db.Close()
 	s := &BoltStore{db: db}
-	return s.Snapshot(w)
+	return s.Snapshot(w, nil)
 }
