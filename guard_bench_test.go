@@ -30,7 +30,7 @@ import (
 
 // benchHandler provisions a Handler with the given store config and scope
 // rules and returns it with a cleanup.
-func benchHandler(b *testing.B, store *StoreConfig, cache *CacheConfig) *Handler {
+func benchHandler(b testing.TB, store *StoreConfig, cache *CacheConfig) *Handler {
 	b.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	h := &Handler{
@@ -56,7 +56,7 @@ func benchHandler(b *testing.B, store *StoreConfig, cache *CacheConfig) *Handler
 }
 
 // benchKey mints a key through the handler's store (so it is cached).
-func benchKey(b *testing.B, h *Handler, scopes []string) string {
+func benchKey(b testing.TB, h *Handler, scopes []string) string {
 	b.Helper()
 	k, raw, err := h.newKey("bench-owner", createRequest{Name: "bench", Scopes: scopes})
 	if err != nil {
@@ -74,7 +74,7 @@ type benchRequest struct {
 	auth []string
 }
 
-func newBenchRequest(b *testing.B, path, key string) *benchRequest {
+func newBenchRequest(b testing.TB, path, key string) *benchRequest {
 	r, err := http.NewRequest("GET", "http://gateway"+path, nil)
 	if err != nil {
 		b.Fatal(err)

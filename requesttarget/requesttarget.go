@@ -34,6 +34,7 @@ package requesttarget
 
 import (
 	"errors"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -71,87 +72,53 @@ func Check(escapedPath string, opts Options) error {
 	if p == "" || p[0] != '/' {
 		return ErrNotAbsolute
 	}
-	// seg is the decoded length and dot count of the current segment (or,
-	// with AllowEncodedSlash, of the current part between any slashes).
+	// The current segment (with AllowEncodedSlash: the current part between
+	// any slashes): its decoded length and how many of those are dots.
 	segLen, segDots := 0, 0
-	endPart := func() error {
-		if segLen == segDots && segDots > 0 && segDots <= 2 {
-			return ErrDotSegment
-		}
-		return nil
-	}
-	// pending holds the bytes of a multi-byte UTF-8 sequence being decoded.
+	// A multi-byte UTF-8 sequence being decoded from escapes.
 	var pending [utf8.UTFMax]byte
 	npend, need := 0, 0
-	for i := 1; i <= len(p); i++ {
-		if i == len(p) || p[i] == '/' {
-			if npend != 0 {
-				return ErrInvalidUTF8
+	for i := 1; i < len(p); i++ {
+		c := p[i]
+		switch byteClass[c] {
+		case classPlain:
+			segLen++
+			continue
+		case classDot:
+			segLen++
+			segDots++
+			continue
+		case classSlash:
+			if segLen == 0 {
+				return ErrEmptySegment
 			}
-			if err := endPart(); err != nil {
-				return err
-			}
-			if segLen == 0 && i < len(p) {
-				return ErrEmptySegment // "//", or "/" then "/" again
+			if segLen == segDots && segDots <= 2 {
+				return ErrDotSegment
 			}
 			segLen, segDots = 0, 0
 			continue
-		}
-		c := p[i]
-		decoded := c
-		if c == '%' {
-			if i+2 >= len(p) {
-				return ErrBadEscape
-			}
-			hi, ok1 := unhex(p[i+1])
-			lo, ok2 := unhex(p[i+2])
-			if !ok1 || !ok2 {
-				return ErrBadEscape
-			}
-			decoded = hi<<4 | lo
-			i += 2
-			switch {
-			case decoded < 0x20 || decoded == 0x7f:
-				return ErrControl
-			case isUnreserved(decoded):
-				return ErrNeedlessEncoding
-			case decoded == ';':
-				return ErrSemicolon
-			case decoded == '/':
-				if !opts.AllowEncodedSlash {
-					return ErrEncodedSeparator
-				}
-				if npend != 0 {
-					return ErrInvalidUTF8
-				}
-				// A part boundary on the decoding reading: the parts on
-				// either side must not be empty or dot segments.
-				if segLen == 0 {
-					return ErrEmptySegment
-				}
-				if err := endPart(); err != nil {
-					return err
-				}
-				segLen, segDots = 0, 0
-				if i+1 == len(p) || p[i+1] == '/' {
-					return ErrEmptySegment
-				}
-				continue
-			case decoded == '\\' || decoded == '%' || decoded == '?' || decoded == '#':
-				return ErrEncodedSeparator
-			}
-		} else if !isPathByte(c) {
-			if c == ';' {
-				return ErrSemicolon
-			}
+		case classSemicolon:
+			return ErrSemicolon
+		case classIllegal:
 			return ErrIllegalByte
 		}
-		// UTF-8 validation of the decoded bytes.
+		// An escape: %XX.
+		if i+2 >= len(p) {
+			return ErrBadEscape
+		}
+		hi, ok1 := unhex(p[i+1])
+		lo, ok2 := unhex(p[i+2])
+		if !ok1 || !ok2 {
+			return ErrBadEscape
+		}
+		d := hi<<4 | lo
+		i += 2
 		if npend > 0 {
-			if decoded&0xc0 != 0x80 {
+			// A continuation byte of a UTF-8 sequence must follow at once.
+			if d&0xc0 != 0x80 {
 				return ErrInvalidUTF8
 			}
-			pending[npend] = decoded
+			pending[npend] = d
 			npend++
 			if npend == need {
 				if !utf8.Valid(pending[:npend]) {
@@ -159,27 +126,86 @@ func Check(escapedPath string, opts Options) error {
 				}
 				npend = 0
 			}
-		} else if decoded >= 0x80 {
+			segLen++
+			continue
+		}
+		switch {
+		case d >= 0x80:
 			switch {
-			case decoded&0xe0 == 0xc0:
+			case d&0xe0 == 0xc0:
 				need = 2
-			case decoded&0xf0 == 0xe0:
+			case d&0xf0 == 0xe0:
 				need = 3
-			case decoded&0xf8 == 0xf0:
+			case d&0xf8 == 0xf0:
 				need = 4
 			default:
 				return ErrInvalidUTF8
 			}
-			pending[0] = decoded
+			pending[0] = d
 			npend = 1
+		case d < 0x20 || d == 0x7f:
+			return ErrControl
+		case byteClass[d] == classPlain || byteClass[d] == classDot:
+			if isUnreserved(d) {
+				return ErrNeedlessEncoding
+			}
+		case d == ';':
+			return ErrSemicolon
+		case d == '/':
+			if !opts.AllowEncodedSlash {
+				return ErrEncodedSeparator
+			}
+			// A part boundary on the reading that decodes %2F: neither
+			// side may be empty or a dot segment.
+			if segLen == 0 || i+1 == len(p) || p[i+1] == '/' {
+				return ErrEmptySegment
+			}
+			if segLen == segDots && segDots <= 2 {
+				return ErrDotSegment
+			}
+			segLen, segDots = 0, 0
+			continue
+		case d == '\\' || d == '%' || d == '?' || d == '#':
+			return ErrEncodedSeparator
 		}
 		segLen++
-		if decoded == '.' {
-			segDots++
-		}
+	}
+	if npend != 0 {
+		return ErrInvalidUTF8
+	}
+	if segLen > 0 && segLen == segDots && segDots <= 2 {
+		return ErrDotSegment
 	}
 	return nil
 }
+
+// Byte classes of a path as sent (see byteClass).
+const (
+	classIllegal = iota
+	classPlain
+	classDot
+	classSlash
+	classPercent
+	classSemicolon
+)
+
+// byteClass sorts the bytes of a path: RFC 3986 pchar (unreserved,
+// sub-delimiters, ':' and '@') are plain, except '.', '%' and ';' which
+// have classes of their own; '/' separates; everything else is illegal.
+var byteClass = func() (t [256]uint8) {
+	for c := 0; c < 256; c++ {
+		b := byte(c)
+		switch {
+		case isUnreserved(b) || strings.IndexByte("!$&'()*+,=:@", b) >= 0:
+			t[c] = classPlain
+		}
+	}
+	t['.'] = classDot
+	t['/'] = classSlash
+	t['%'] = classPercent
+	t[';'] = classSemicolon
+	return t
+}()
 
 // SplitView returns the path as a backend that keeps `%2F` inside a segment
 // reads it: escapedPath decoded, except that each `%2F` stays as the three
@@ -235,18 +261,4 @@ func unhex(c byte) (byte, bool) {
 func isUnreserved(c byte) bool {
 	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
 		c == '-' || c == '.' || c == '_' || c == '~'
-}
-
-// isPathByte reports whether c may appear unencoded in a path segment
-// (RFC 3986 pchar, without '%' which starts an escape and ';' which Check
-// refuses).
-func isPathByte(c byte) bool {
-	if isUnreserved(c) {
-		return true
-	}
-	switch c {
-	case '!', '$', '&', '\'', '(', ')', '*', '+', ',', '=', ':', '@':
-		return true
-	}
-	return false
 }
