@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -273,17 +274,54 @@ func checkRedisURL(raw string) error {
 	if keystore.IsSentinelURL(raw) {
 		return checkSentinelURL(raw)
 	}
-	u, err := url.Parse(raw)
+	u, err := parseRedisURL(raw)
 	if err != nil {
-		return fmt.Errorf("store redis: invalid URL")
-	}
-	if u.Scheme != "redis" && u.Scheme != "rediss" {
-		return fmt.Errorf("store redis: URL scheme must be redis:// or rediss://, got %q", u.Scheme)
+		return err
 	}
 	if _, has := u.User.Password(); has && !strings.Contains(raw, "{") {
 		return fmt.Errorf("store redis: put URLs with a password in an environment variable and write {env.NAME}, so the password stays out of the adapted config")
 	}
 	return nil
+}
+
+// redisURLForm is what a valid `store redis` URL looks like, for errors.
+const redisURLForm = "redis://[user:password@]host:6379[/db], rediss://… for TLS, or redis+sentinel://host:26379/<master-name>"
+
+// parseRedisURL parses a redis:// or rediss:// URL, with errors that say
+// what a valid one looks like. They never echo the URL: it may hold a
+// password.
+func parseRedisURL(raw string) (*url.URL, error) {
+	if !strings.Contains(raw, "://") {
+		return nil, fmt.Errorf("store redis: a URL must start with its scheme, like redis://localhost:6379 (want %s)", redisURLForm)
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("store redis: not a valid URL (want %s)", redisURLForm)
+	}
+	if u.Scheme != "redis" && u.Scheme != "rediss" {
+		return nil, fmt.Errorf("store redis: URL scheme must be redis:// or rediss://, got %q (want %s)", u.Scheme, redisURLForm)
+	}
+	return u, nil
+}
+
+// keySourceErr says what is wrong with the key sources of a dashboard_jwt
+// (exactly one of secret, public_key and jwks), in Caddyfile terms; nil
+// when there is exactly one.
+func (c *DashboardJWT) keySourceErr() error {
+	var set []string
+	for _, s := range []struct{ name, v string }{{"secret", c.Secret}, {"public_key", c.PublicKey}, {"jwks", c.JWKS}} {
+		if s.v != "" {
+			set = append(set, s.name)
+		}
+	}
+	if len(set) == 1 {
+		return nil
+	}
+	got := "none"
+	if len(set) > 1 {
+		got = strings.Join(set, " and ")
+	}
+	return fmt.Errorf("dashboard_jwt needs exactly one key source, got %s: secret {env.DASHBOARD_JWT_SECRET} (HMAC, at least 32 bytes), public_key /path/to/public.pem, or jwks https://idp.example.com/.well-known/jwks.json", got)
 }
 
 func (c *DashboardJWT) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -320,6 +358,9 @@ func (c *DashboardJWT) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if err != nil {
 			return err
 		}
+	}
+	if err := c.keySourceErr(); err != nil {
+		return d.Err(err.Error())
 	}
 	return nil
 }
@@ -407,6 +448,19 @@ func (h *Handler) unmarshalCache(d *caddyfile.Dispenser) error {
 
 var methodToken = regexp.MustCompile(`^[A-Z]+$`)
 
+// knownMethods are the methods a scope rule may name: those of RFC 9110
+// and PATCH (RFC 5789). A typo such as GTE would otherwise make a rule that
+// never matches, leaving its paths to full-access keys only.
+var knownMethods = []string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+
+// checkMethod refuses a method that is not in knownMethods.
+func checkMethod(m string) error {
+	if slices.Contains(knownMethods, m) {
+		return nil
+	}
+	return fmt.Errorf("unknown HTTP method %q; a scope rule's methods are upper-case, one of %s", m, strings.Join(knownMethods, " "))
+}
+
 // unmarshalScopeRule reads `scope <scope> [<METHOD>...] <path>...`.
 func unmarshalScopeRule(d *caddyfile.Dispenser) (ScopeRule, error) {
 	args := d.RemainingArgs()
@@ -417,6 +471,9 @@ func unmarshalScopeRule(d *caddyfile.Dispenser) (ScopeRule, error) {
 	for _, a := range args[1:] {
 		switch {
 		case methodToken.MatchString(a) && len(rule.Paths) == 0:
+			if err := checkMethod(a); err != nil {
+				return ScopeRule{}, d.Errf("scope %s: %v", args[0], err)
+			}
 			rule.Methods = append(rule.Methods, a)
 		case strings.HasPrefix(a, "/") || strings.HasPrefix(a, "*"):
 			rule.Paths = append(rule.Paths, a)

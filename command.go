@@ -6,12 +6,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -23,7 +27,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "apikeys",
-		Usage: "<create|list|revoke|rotate|dev-token> --config <path> [flags]",
+		Usage: "<create|list|revoke|rotate|dev-token|backup|restore> --config <path> [flags]",
 		Short: "Manage API keys of the apikeys handler from the command line",
 		Long: `
 Tools for operators of the apikeys handler. Each command reads the config (a
@@ -36,10 +40,14 @@ environment (and --envfile), and works on the configured store directly.
   revoke     revoke a key by ID
   rotate     replace a key, keeping the old one working for --grace
   dev-token  print a dashboard JWT for trying the management API locally
+  backup     write a consistent copy of the file store, also while Caddy runs
+  restore    replace the file store with such a copy (Caddy stopped)
 
 The file store can be opened by one process at a time: stop Caddy (or use
-the HTTP API) to manage keys in a file store. Redis stores can be managed
-while Caddy runs.
+the HTTP API) to manage keys in a file store; backup goes through a running
+Caddy's admin API. Redis stores can be managed while Caddy runs.
+
+Commands print their result only; --verbose also logs loading the config.
 `,
 		CobraFunc: addSubcommands,
 	})
@@ -51,6 +59,7 @@ func addSubcommands(cmd *cobra.Command) {
 		c.Flags().StringP("config", "c", "", "Configuration file (required)")
 		c.Flags().StringP("adapter", "a", "", "Name of config adapter to apply")
 		c.Flags().String("envfile", "", "Environment file to load before resolving placeholders")
+		c.Flags().BoolP("verbose", "v", false, "Log loading the config and audit events to stderr")
 		c.SilenceUsage = true
 	}
 	dev := &cobra.Command{
@@ -58,13 +67,19 @@ func addSubcommands(cmd *cobra.Command) {
 		Short: "Print a dashboard JWT for local testing",
 		Long: `Prints a dashboard JWT signed with the HMAC secret of the config's
 dashboard_jwt, for --owner, with the configured issuer and audience. Meant for
-development: in production the dashboard issues tokens.`,
+development: in production the dashboard issues tokens.
+
+--claim adds or replaces a claim, for trying scopes_claim for example:
+
+  caddy apikeys dev-token --config Caddyfile --owner alice \
+    --claim 'scopes=["analytics:read"]' --claim org=acme`,
 		Args: cobra.NoArgs,
 		RunE: runDevToken,
 	}
 	configFlags(dev)
 	dev.Flags().String("owner", "dev-user", "Owner (subject) of the token")
 	dev.Flags().Duration("ttl", time.Hour, "Lifetime of the token")
+	dev.Flags().StringArray("claim", nil, "Extra claim `name=value`, repeatable; a value that is JSON (an array, a number, true) is used as such, anything else as a string")
 
 	create := &cobra.Command{
 		Use:   "create --owner <id> --name <name> [--scopes a,b] [--expires-in-days n]",
@@ -86,7 +101,7 @@ development: in production the dashboard issues tokens.`,
 	}
 	configFlags(list)
 	list.Flags().String("owner", "", "Owner whose keys to list (required)")
-	list.Flags().String("status", "", "Only keys with this status: active, rotating, expired, revoked")
+	list.Flags().String("status", "", "Only keys with this status: "+strings.Join(keyStatuses, ", "))
 	list.Flags().Bool("json", false, "Print JSON lines instead of a table")
 
 	revoke := &cobra.Command{
@@ -107,6 +122,7 @@ development: in production the dashboard issues tokens.`,
 	rotate.Flags().Duration("grace", DefaultGracePeriod, "How long the old key keeps working (0 to 720h)")
 
 	cmd.AddCommand(dev, create, list, revoke, rotate)
+	addBackupCommands(cmd, configFlags)
 }
 
 // openFromConfig loads the config and sets up its first apikeys handler's
@@ -125,7 +141,7 @@ func openFromConfig(cmd *cobra.Command) (h *Handler, close func(), err error) {
 		return nil, nil, fmt.Errorf("decoding the apikeys handler config: %w", err)
 	}
 	h.DashboardJWT = nil // commands act as the operator, not as a session
-	if err := h.provisionCore(caddy.Context{}, zap.NewNop()); err != nil {
+	if err := h.provisionCore(caddy.Context{}, cmdLogger(cmd)); err != nil {
 		_ = h.Cleanup()
 		return nil, nil, err
 	}
@@ -197,6 +213,9 @@ func runList(cmd *cobra.Command, _ []string) error {
 	asJSON, _ := fl.GetBool("json")
 	if owner == "" {
 		return errors.New("--owner is required")
+	}
+	if status != "" && !slices.Contains(keyStatuses, status) {
+		return fmt.Errorf("--status %q is not a key status; want one of %s", status, strings.Join(keyStatuses, ", "))
 	}
 	h, closeStore, err := openFromConfig(cmd)
 	if err != nil {
@@ -303,8 +322,72 @@ func loadCommandConfig(cmd *cobra.Command) ([]byte, error) {
 			return nil, err
 		}
 	}
-	cfgJSON, _, _, err := caddycmd.LoadConfig(configFile, adapter)
-	return cfgJSON, err
+	return loadConfig(cmdLogger(cmd), configFile, adapter)
+}
+
+// keyStatuses are the values of a key's status, as listed.
+var keyStatuses = []string{"active", "rotating", "expired", "revoked"}
+
+// cmdLogger is Caddy's logger with --verbose, and no logger without: a
+// command's output is its result, and its errors are its exit status and
+// message.
+func cmdLogger(cmd *cobra.Command) *zap.Logger {
+	if v, _ := cmd.Flags().GetBool("verbose"); v {
+		return caddy.Log().Named("apikeys")
+	}
+	return zap.NewNop()
+}
+
+// loadConfig reads a config file and adapts it to JSON as `caddy run`
+// does (the caddyfile adapter for files named Caddyfile* or *.caddyfile),
+// logging to logger: caddycmd.LoadConfig always logs to Caddy's logger.
+func loadConfig(logger *zap.Logger, configFile, adapterName string) ([]byte, error) {
+	config, err := os.ReadFile(configFile)
+	if err != nil {
+		return nil, fmt.Errorf("reading config from file: %w", err)
+	}
+	logger.Info("using config from file", zap.String("file", configFile))
+	base := strings.ToLower(filepath.Base(configFile))
+	if adapterName == "" && filepath.Ext(base) != ".json" && (strings.HasPrefix(base, "caddyfile") || strings.HasSuffix(base, ".caddyfile")) {
+		adapterName = "caddyfile"
+	}
+	if adapterName == "" {
+		if !json.Valid(config) {
+			return nil, errors.New("config is not valid JSON; did you mean to use a config adapter (the --adapter flag)?")
+		}
+		return config, nil
+	}
+	adapter := caddyconfig.GetAdapter(adapterName)
+	if adapter == nil {
+		return nil, fmt.Errorf("unrecognized config adapter: %s", adapterName)
+	}
+	adapted, warnings, err := adapter.Adapt(config, map[string]any{"filename": configFile})
+	if err != nil {
+		return nil, fmt.Errorf("adapting config using %s: %w", adapterName, err)
+	}
+	logger.Info("adapted config to JSON", zap.String("adapter", adapterName))
+	for _, w := range warnings {
+		logger.Warn(w.Message, zap.String("directive", w.Directive), zap.String("file", w.File), zap.Int("line", w.Line))
+	}
+	return adapted, nil
+}
+
+// parseClaims reads --claim name=value flags: a value that is valid JSON is
+// decoded, anything else is a string.
+func parseClaims(flags []string) (map[string]any, error) {
+	claims := make(map[string]any, len(flags))
+	for _, f := range flags {
+		name, value, ok := strings.Cut(f, "=")
+		if !ok || name == "" {
+			return nil, fmt.Errorf("--claim %q: want name=value, e.g. --claim org=acme or --claim 'scopes=[\"analytics:read\"]'", f)
+		}
+		var v any = value
+		if json.Valid([]byte(value)) {
+			_ = json.Unmarshal([]byte(value), &v)
+		}
+		claims[name] = v
+	}
+	return claims, nil
 }
 
 func runDevToken(cmd *cobra.Command, _ []string) error {
@@ -312,6 +395,11 @@ func runDevToken(cmd *cobra.Command, _ []string) error {
 	ttl, _ := cmd.Flags().GetDuration("ttl")
 	if owner == "" || ttl <= 0 {
 		return errors.New("--owner must not be empty and --ttl must be positive")
+	}
+	claimFlags, _ := cmd.Flags().GetStringArray("claim")
+	extra, err := parseClaims(claimFlags)
+	if err != nil {
+		return err
 	}
 	cfgJSON, err := loadCommandConfig(cmd)
 	if err != nil {
@@ -340,6 +428,7 @@ func runDevToken(cmd *cobra.Command, _ []string) error {
 	if jwtCfg.Audience != "" {
 		claims["aud"] = jwtCfg.Audience
 	}
+	maps.Copy(claims, extra)
 	alg := "HS256"
 	if len(jwtCfg.Algorithms) > 0 {
 		alg = jwtCfg.Algorithms[0]

@@ -61,6 +61,9 @@ func (c *DashboardJWT) newVerifier(ctx caddy.Context, repl *caddy.Replacer) (*jw
 		Leeway:      time.Duration(c.Leeway),
 		HTTPClient:  &http.Client{Timeout: 10 * time.Second},
 	}
+	if err := c.keySourceErr(); err != nil {
+		return nil, fmt.Errorf("apikeys: %w", err)
+	}
 	var err error
 	if cfg.Secret, err = resolveSecret(repl, "dashboard_jwt secret", c.Secret); err != nil {
 		return nil, err

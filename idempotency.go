@@ -242,8 +242,7 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, own
 	}
 	now := h.now()
 	if now.Before(rec.LockedUntil) {
-		secs := int(math.Ceil(rec.LockedUntil.Sub(now).Seconds()))
-		return writeError(w, inProgress(max(secs, 1)))
+		return writeError(w, inProgress(h.retryAfter(rec, now)))
 	}
 
 	// The holder went away without finishing: take the record over and
@@ -272,6 +271,20 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, own
 	}
 	h.logger.Info("finishing abandoned idempotent request", zap.String("key_id", op.key.ID), zap.String("owner", owner))
 	return h.finishIdempotent(w, ctx, id, &taken, op)
+}
+
+// retryAfter is the number of seconds (at least 1) after which a request
+// that found rec pending should retry. The holder reserved rec
+// idempotencyLock before rec.LockedUntil, inside a request whose store calls
+// all share one store_timeout, so it finishes (or releases rec) within
+// store_timeout of that. A holder past that point has most likely died:
+// then the record can be taken over once the lock runs out.
+func (h *Handler) retryAfter(rec *keystore.IdempotencyRecord, now time.Time) int {
+	wait := rec.LockedUntil.Add(-idempotencyLock + h.storeTimeout).Sub(now)
+	if wait <= 0 {
+		wait = rec.LockedUntil.Sub(now)
+	}
+	return max(int(math.Ceil(wait.Seconds())), 1)
 }
 
 func inProgress(retryAfter int) *apiError {

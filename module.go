@@ -8,12 +8,14 @@
 package apikeys
 
 import (
+	"cmp"
 	"context"
 	"crypto/cipher"
 	"errors"
 	"fmt"
 	"net/http"
 	"path"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -158,6 +160,9 @@ type Handler struct {
 	usage        *usageRecorder
 	events       *caddyevents.App
 	ctx          caddy.Context
+	inCaddy      bool  // provisioned by Caddy (not by a `caddy apikeys` command)
+	storeErr     error // the store could not be opened (see startup.go)
+	ownStore     bool  // store is this handler's own stand-in, not pooled
 }
 
 // StoreConfig selects the key store.
@@ -271,8 +276,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 func (h *Handler) provision(ctx caddy.Context, events *caddyevents.App) error {
 	h.ctx = ctx
 	h.events = events
+	h.inCaddy = true
 	if err := h.provisionCore(ctx, ctx.Logger()); err != nil {
 		return err
+	}
+	if h.storeErr != nil {
+		app, err := ctx.App("apikeys")
+		if err != nil {
+			return fmt.Errorf("apikeys: loading apikeys app: %w", err)
+		}
+		app.(*App).block(h.storeErr)
 	}
 	if h.DashboardJWT != nil {
 		var err error
@@ -315,10 +328,25 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 		return err
 	}
 	store, poolKey, autoSecret, err := openStore(storeCfg, repl, secret == nil, cacheOpts, h.Cache != nil && h.Cache.DisablePubSub)
-	if err != nil {
+	switch {
+	case err != nil && h.inCaddy && isLocked(err):
+		// Another process (a running Caddy, when this is `caddy
+		// validate`) holds the file: provision on with a stand-in, and
+		// let the apikeys app fail `caddy run` (see startup.go).
+		h.logger.Warn("key store file is held by another process (a running Caddy?); the config was checked without opening it, and `caddy run` with it fails until that process releases the file",
+			zap.Error(err))
+		h.storeErr = err
+		if store, err = keystore.NewCachedStore(unavailableStore{err}, cacheOpts); err != nil {
+			return fmt.Errorf("apikeys: %w", err)
+		}
+		h.ownStore = true
+	case err != nil:
 		return err
 	}
 	h.store, h.cache, h.storePoolKey = store, store, poolKey
+	if h.inCaddy && h.storeErr == nil {
+		h.checkStoreAtStart(cmp.Or(storeCfg.Type, "file"))
+	}
 	if secret == nil {
 		secret = autoSecret
 	}
@@ -421,6 +449,13 @@ func (h *Handler) Validate() error {
 	if h.MaxKeysPerOwner < 1 {
 		return errors.New("apikeys: max_keys_per_owner must be at least 1")
 	}
+	for i, rule := range h.ScopeRules {
+		for _, m := range rule.Methods {
+			if err := checkMethod(strings.ToUpper(m)); err != nil {
+				return fmt.Errorf("apikeys: scope rule %d (%s): %w", i+1, rule.Scope, err)
+			}
+		}
+	}
 	for _, o := range h.CORSOrigins {
 		if !validOrigin(o) {
 			return fmt.Errorf("apikeys: cors_origins: %q is not an origin like https://dash.example.com", o)
@@ -445,6 +480,9 @@ func (h *Handler) Cleanup() error {
 	}
 	if h.verifier != nil {
 		h.verifier.Close()
+	}
+	if h.ownStore {
+		return h.store.Close()
 	}
 	if h.storePoolKey != "" {
 		_, err := stores.Delete(h.storePoolKey)

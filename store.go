@@ -66,13 +66,9 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 	}
 	switch cfg.Type {
 	case "", "file":
-		p := repl.ReplaceKnown(cfg.Path, "")
-		if p == "" {
-			p = filepath.Join(caddy.AppDataDir(), "apikeys", "keys.db")
-		}
-		abs, err := filepath.Abs(p)
+		abs, err := storeFilePath(cfg, repl)
 		if err != nil {
-			return nil, "", nil, fmt.Errorf("apikeys: store file path: %w", err)
+			return nil, "", nil, err
 		}
 		var secret []byte
 		if wantSecret {
@@ -91,7 +87,9 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 			return newCached(s, nil)
 		})
 		if err != nil {
-			return nil, "", nil, fmt.Errorf("apikeys: open store file %s: %w", abs, err)
+			// The secret too: a caller that tolerates a locked file
+			// (see startup.go) provisions on without the handle.
+			return nil, "", secret, fmt.Errorf("apikeys: open store file %s: %w", abs, err)
 		}
 		c, err := reuse(v, loaded, key)
 		return c, key, secret, err
@@ -109,6 +107,11 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 			urls[i] = repl.ReplaceKnown(u, "")
 			if urls[i] == "" {
 				return nil, "", nil, fmt.Errorf("apikeys: store redis URL %d is empty after resolving placeholders", i+1)
+			}
+			if !keystore.IsSentinelURL(urls[i]) {
+				if _, err := parseRedisURL(urls[i]); err != nil {
+					return nil, "", nil, fmt.Errorf("apikeys: URL %d: %w", i+1, err)
+				}
 			}
 		}
 		// The pool key holds credentials; it never leaves this process.
@@ -138,6 +141,19 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 	default:
 		return nil, "", nil, fmt.Errorf("apikeys: unknown store type %q (want file or redis)", cfg.Type)
 	}
+}
+
+// storeFilePath is the absolute path of a file store's database.
+func storeFilePath(cfg *StoreConfig, repl *caddy.Replacer) (string, error) {
+	p := repl.ReplaceKnown(cfg.Path, "")
+	if p == "" {
+		p = filepath.Join(caddy.AppDataDir(), "apikeys", "keys.db")
+	}
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", fmt.Errorf("apikeys: store file path: %w", err)
+	}
+	return abs, nil
 }
 
 // cacheOptions turns the Cache config into keystore options.

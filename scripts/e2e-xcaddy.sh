@@ -4,8 +4,9 @@
 #
 #   scripts/e2e-xcaddy.sh
 #
-# It installs xcaddy (pinned, cached), builds Caddy at the version go.mod
-# requires with this module replaced by the local checkout, starts a gateway
+# It installs xcaddy (pinned, cached), builds Caddy with the xcaddy command
+# README.md shows (which must pin the Caddy version go.mod requires), from
+# the repository root, starts a gateway
 # (apikeys + reverse_proxy) and a backend that echoes the identity headers,
 # all on 127.0.0.1, then mints a key with a dashboard JWT from
 # `caddy apikeys dev-token` and exercises it with curl.
@@ -16,7 +17,6 @@
 #
 # Environment (all optional):
 #   XCADDY_VERSION   xcaddy version to install (default v0.4.5)
-#   CADDY_VERSION    Caddy version to build (default: the one go.mod requires)
 #   E2E_CADDY_BIN    use this already-built Caddy binary and skip the build
 #   XDG_CACHE_HOME   xcaddy is cached under ${XDG_CACHE_HOME:-~/.cache}/caddy-apikeys
 #
@@ -229,19 +229,27 @@ else
 	check "xcaddy $XCADDY_VERSION is installed" test -x "$XCADDY"
 
 	# -------------------------------------------------------------------
-	# 2. Build Caddy with this module from the local checkout.
+	# 2. Build Caddy with this module from the local checkout, with the
+	# very command README.md shows (its first `xcaddy build` line under
+	# "Building Caddy with the module"), run from the repository root as
+	# the README says, so the two cannot drift. Only --output is added.
 	#
-	# The module is named with Go's zero pseudo-version, so the replace
-	# directive xcaddy writes is versioned. With a bare `--with
+	# The README names the module with Go's zero pseudo-version, so the
+	# replace directive xcaddy writes is versioned. With a bare `--with
 	# module=path`, xcaddy >= v0.4.3 runs `go get module` (version
 	# "latest"), which asks the module proxy for the module's version list;
 	# that fails for a module that is not published (or when the proxy
-	# answers 403 rather than 404/410). `go get module@<zero version>` is
-	# satisfied by the replacement without any lookup.
-	WITH="$MODULE_PATH@v0.0.0-00010101000000-000000000000=$REPO_ROOT"
+	# answers 403 rather than 404/410).
+	README_BUILD=$(awk '/^## Building Caddy with the module/ { s = 1 } s && /^xcaddy build / { print; exit }' "$REPO_ROOT/README.md")
+	[[ -n $README_BUILD ]] || bail "README.md shows an xcaddy build command under 'Building Caddy with the module'"
+	read -r -a build_words <<<"$README_BUILD"
+	[[ ${build_words[2]:-} == "$CADDY_VERSION" ]] ||
+		bail "README's xcaddy build pins caddy ${build_words[2]:-?}, go.mod requires $CADDY_VERSION"
+	WITH="${build_words[*]:3}"
 	log "building caddy $CADDY_VERSION --with $WITH (the first build takes minutes)"
 	build_start=$SECONDS
-	build_cmd=("$XCADDY" build "$CADDY_VERSION" --with "$WITH" --output "$CADDY")
+	log "README: $README_BUILD"
+	build_cmd=("$XCADDY" "${build_words[@]:1}" --output "$CADDY")
 	if command -v setsid >/dev/null 2>&1; then
 		# Own process group (same pid), so cleanup can stop go build too.
 		build_cmd=(setsid --wait "${build_cmd[@]}")
@@ -249,7 +257,7 @@ else
 	# xcaddy's build module and go's work dirs go under TMP_DIR too, so
 	# nothing is left behind even if the build is interrupted.
 	mkdir -p -- "$TMP_DIR/build"
-	(cd "$TMP_DIR" && TMPDIR="$TMP_DIR/build" exec "${build_cmd[@]}") &
+	(cd "$REPO_ROOT" && TMPDIR="$TMP_DIR/build" exec "${build_cmd[@]}") &
 	BUILD_PID=$!
 	# Heartbeat, so CI logs show the build is alive during the long
 	# `go build` step, which prints nothing.
