@@ -1,0 +1,157 @@
+package apikeys
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+)
+
+// attackGateway is a real Caddy like startEdgeGateway's, with one site per
+// named backend, a configurable global options block and reverse_proxy
+// body, and the same apikeys config (the README's scope rules).
+type attackGateway struct {
+	sites     map[string]string // backend name -> site address
+	analytics string
+	webhooks  string
+	full      string
+}
+
+func startAttackGateway(t *testing.T, global, proxyBody string, backends map[string]string) *attackGateway {
+	t.Helper()
+	storePath := filepath.Join(t.TempDir(), "keys.db")
+	g := &attackGateway{sites: map[string]string{}}
+	var sites strings.Builder
+	for name, backend := range backends {
+		port := freePort(t)
+		g.sites[name] = fmt.Sprintf("127.0.0.1:%d", port)
+		fmt.Fprintf(&sites, `
+http://:%d {
+	apikeys {
+		store file %s
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %s
+			audience %s
+		}
+		scope analytics:read GET /v1/analytics /v1/analytics/*
+		scope webhooks:manage /v1/webhooks/*
+	}
+	reverse_proxy %s {
+		%s
+	}
+}
+`, port, storePath, testIssuer, testAudience, backend, proxyBody)
+	}
+	cfg := "{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\t" + global + "\n}\n" + sites.String()
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stopCaddy(t) })
+	var any string
+	for _, a := range g.sites {
+		any = a
+		break
+	}
+	mint := func(body string) string {
+		req, _ := http.NewRequest("POST", "http://"+any+"/v1/apikeys", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, "edge-owner"))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out struct {
+			Data struct {
+				Key string `json:"key"`
+			} `json:"data"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 201 {
+			t.Fatalf("minting a key: %d %v", resp.StatusCode, err)
+		}
+		return out.Data.Key
+	}
+	g.analytics = mint(`{"name":"analytics","scopes":["analytics:read"]}`)
+	g.webhooks = mint(`{"name":"webhooks","scopes":["webhooks:manage"]}`)
+	g.full = mint(`{"name":"full"}`)
+	return g
+}
+
+// newOverrideBackend is the edge ServeMux with a DELETE route on the
+// analytics resource, behind the method-override middleware the guard's
+// `?_method=` rule exists for (Express's methodOverride('_method', {methods:
+// null}), Laravel/Symfony, Rails-style `_method`): it reads `_method` from
+// the query string the way those stacks' query parsers do, with names
+// percent-decoded (Node's querystring, PHP's $_GET, Go's url.ParseQuery all
+// decode `%5F` to `_`). With semicolons, pairs are also split on `;`, as
+// Rack 2's parse_query and Python's parse_qs before 3.9.2 do.
+func newOverrideBackend(t *testing.T, semicolons bool) string {
+	mux := http.NewServeMux()
+	routes := []string{"GET /v1/analytics/{id}", "DELETE /v1/analytics/{id}", "/v1/webhooks/", "/"}
+	for _, pattern := range routes {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Handler", pattern)
+			w.Header().Set("X-Seen-Owner", r.Header.Get("X-Api-Key-Owner"))
+			_, _ = io.WriteString(w, "ok")
+		})
+	}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.RawQuery
+		if semicolons {
+			q = strings.ReplaceAll(q, ";", "&")
+		}
+		vals, _ := url.ParseQuery(q)
+		if m := vals.Get("_method"); m != "" {
+			r.Method = strings.ToUpper(m)
+		}
+		mux.ServeHTTP(w, r)
+	})
+	return serveOnLoopback(t, &http.Server{Handler: h})
+}
+
+// TestAttackMethodOverrideQueryEncoding: the guard looks for `_method` in
+// the raw query with strings.Contains and then reads it with Go's
+// url.ParseQuery, so a query parameter whose name is percent-encoded
+// (`%5Fmethod`, `_%6Dethod`) is never looked at, and one in a pair that
+// holds a `;` is skipped by ParseQuery. Backends decode the name (and some
+// split on `;`) and run the method the key was refused: the analytics:read
+// key reaches DELETE /v1/analytics/{id}.
+func TestAttackMethodOverrideQueryEncoding(t *testing.T) {
+	g := startAttackGateway(t, "", "", map[string]string{
+		"amp":  newOverrideBackend(t, false),
+		"semi": newOverrideBackend(t, true),
+	})
+	// The rule works for the plain spelling: the guard refuses.
+	for _, site := range []string{"amp", "semi"} {
+		if resp := sendRaw(t, g.sites[site], getRaw("GET", "/v1/analytics/daily?_method=DELETE", g.analytics)); resp.status != 403 {
+			t.Fatalf("%s: GET ?_method=DELETE with the analytics key: %d, want 403 (control)", site, resp.status)
+		}
+	}
+	cases := []struct{ site, target string }{
+		{"amp", "/v1/analytics/daily?%5Fmethod=DELETE"},
+		{"amp", "/v1/analytics/daily?%5fmethod=DELETE"},
+		{"amp", "/v1/analytics/daily?_%6Dethod=DELETE"},
+		{"amp", "/v1/analytics/daily?%5F%6D%65%74%68%6F%64=%44%45%4C%45%54%45"},
+		{"semi", "/v1/analytics/daily?x=1;_method=DELETE"},
+	}
+	for _, tc := range cases {
+		resp := sendRaw(t, g.sites[tc.site], getRaw("GET", tc.target, g.analytics))
+		if resp.status != 403 {
+			t.Errorf("GET %s (backend %s) with an analytics:read key: %d from backend handler %q, want 403 as for ?_method=DELETE",
+				tc.target, tc.site, resp.status, resp.header.Get("X-Handler"))
+		}
+	}
+}
