@@ -155,3 +155,47 @@ func TestAttackMethodOverrideQueryEncoding(t *testing.T) {
 		}
 	}
 }
+
+// malformedBodies are requests an analytics:read key may make (GET on its
+// own route) whose chunked body is malformed: the framing error is the
+// client's, found only when reverse_proxy streams the body on.
+func malformedBodies(key string) map[string]string {
+	head := "GET /v1/analytics/daily HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + key + "\r\nTransfer-Encoding: chunked\r\n"
+	return map[string]string{
+		"bad chunk size":    head + "Connection: close\r\n\r\nzz\r\n\r\n",
+		"bad trailer line":  head + "Connection: close\r\n\r\n1\r\na\r\n0\r\nnot a field\r\n\r\n",
+		"oversized trailer": head + "Connection: close\r\nTrailer: X-Pad\r\n\r\n1\r\na\r\n0\r\nX-Pad: " + strings.Repeat("a", 5000) + "\r\n\r\n",
+	}
+}
+
+// TestAttackMalformedBodyIs5xx: a key holder's malformed request body is
+// answered 502 Bad Gateway, as if the backend had failed (the edge
+// invariant: never 5xx for what a client sends). With passive health checks
+// on reverse_proxy (fail_duration, max_fails), the same request counts as a
+// backend failure: one request from the least-privileged key takes the
+// backend out for every key, and a full-access key's valid request then
+// gets 503.
+func TestAttackMalformedBodyIs5xx(t *testing.T) {
+	t.Run("502", func(t *testing.T) {
+		g := startEdgeGateway(t, "")
+		for name, raw := range malformedBodies(g.analytics) {
+			for backend, addr := range map[string]string{"ServeMux": g.mux, "rawEcho": g.raw} {
+				if resp := sendRaw(t, addr, raw); resp.status >= 500 {
+					t.Errorf("%s (%s): the gateway answered %d, want a 4xx (the client's framing error)", name, backend, resp.status)
+				}
+			}
+		}
+	})
+	t.Run("passive health checks", func(t *testing.T) {
+		g := startAttackGateway(t, "", "fail_duration 30s\n\t\tmax_fails 1", map[string]string{"mux": newMuxBackend(t)})
+		addr := g.sites["mux"]
+		if resp := sendRaw(t, addr, getRaw("GET", "/v1/webhooks/1", g.full)); resp.status != 200 {
+			t.Fatalf("before: a full-access key got %d", resp.status)
+		}
+		resp := sendRaw(t, addr, malformedBodies(g.analytics)["bad chunk size"])
+		t.Logf("the malformed request from the analytics:read key: %d", resp.status)
+		if resp := sendRaw(t, addr, getRaw("GET", "/v1/webhooks/1", g.full)); resp.status != 200 {
+			t.Errorf("after one malformed request from an analytics:read key, a full-access key's GET /v1/webhooks/1 got %d, want 200: the backend was marked down", resp.status)
+		}
+	})
+}
