@@ -1,14 +1,17 @@
 package apikeys
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -198,4 +201,87 @@ func TestAttackMalformedBodyIs5xx(t *testing.T) {
 			t.Errorf("after one malformed request from an analytics:read key, a full-access key's GET /v1/webhooks/1 got %d, want 200: the backend was marked down", resp.status)
 		}
 	})
+}
+
+// TestAttackTrailerSectionSmuggling: one HTTP/1.1 message on the wire, a
+// GET with a chunked body whose trailer section (RFC 9112 §7.1.2: field
+// lines up to the empty line) is longer than net/http's 4 KiB trailer
+// window, is answered twice. The gateway gives up on the trailer (502),
+// leaves it unread and keeps the connection, then parses the trailer
+// section as a second request. Behind any front proxy that forwards request
+// trailers and reuses its connections to Caddy, the two no longer agree on
+// where requests start: the smuggled request can carry a Content-Length
+// that swallows the next client's request (with that client's
+// Authorization) as its body, sent with the attacker's key to a route
+// that stores what it receives.
+func TestAttackTrailerSectionSmuggling(t *testing.T) {
+	g := startEdgeGateway(t, "")
+	smuggled := "GET /v1/webhooks/1 HTTP/1.1\r\nHost: gateway\r\nX-Pad: " + strings.Repeat("a", 5000) + "\r\n\r\n"
+	msg := "GET /v1/analytics/daily HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + g.analytics + "\r\n" +
+		"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n" + smuggled
+	conn, err := net.DialTimeout("tcp", g.mux, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(conn, msg); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	first := readRawResponse(t, br, msg)
+	t.Logf("the message: %d", first.status)
+	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if resp, err := http.ReadResponse(br, &http.Request{Method: "GET"}); err == nil {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		t.Errorf("one message on the wire got a second response, %d %s: the trailer section was parsed as a request (GET /v1/webhooks/1)", resp.StatusCode, body)
+	}
+}
+
+// TestAttackTrailerSmugglingCapturesNextRequest plays the front proxy of
+// TestAttackTrailerSectionSmuggling: it sends the attacker's message and
+// then, on the same connection, another client's request. The smuggled
+// request (webhooks key, Content-Length) takes the other client's request,
+// its full-access key included, as its body: a backend route that stores
+// what it is sent (a webhook's description, say) hands the key to the
+// attacker.
+func TestAttackTrailerSmugglingCapturesNextRequest(t *testing.T) {
+	captured := make(chan string, 4)
+	store := serveOnLoopback(t, &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if len(body) > 0 {
+			captured <- r.Method + " " + r.URL.Path + " as " + r.Header.Get("X-Api-Key-Scopes") + ": " + string(body)
+		}
+		_, _ = io.WriteString(w, "stored")
+	})})
+	g := startAttackGateway(t, "", "", map[string]string{"store": store})
+	victim := "GET /v1/analytics/daily HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + g.full + "\r\n\r\n"
+	smuggled := "POST /v1/webhooks/1 HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + g.webhooks + "\r\n" +
+		fmt.Sprintf("Content-Length: %d\r\n", len(victim)) + "X-Pad: " + strings.Repeat("a", 5000) + "\r\n\r\n"
+	attacker := "GET /v1/analytics/daily HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + g.analytics + "\r\n" +
+		"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n" + smuggled
+	conn, err := net.DialTimeout("tcp", g.sites["store"], 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(conn)
+	io.WriteString(conn, attacker)
+	t.Logf("attacker's message: %d", readRawResponse(t, br, attacker).status)
+	io.WriteString(conn, victim) // the front proxy reuses the connection
+	resp := readRawResponse(t, br, victim)
+	t.Logf("the victim's request got: %d %s", resp.status, resp.body)
+	for {
+		select {
+		case c := <-captured:
+			if strings.Contains(c, g.full) {
+				t.Errorf("the backend received another client's full-access key as the body of the attacker's request: %q", c)
+			}
+			continue
+		case <-time.After(time.Second):
+		}
+		break
+	}
 }
