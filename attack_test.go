@@ -285,3 +285,49 @@ func TestAttackTrailerSmugglingCapturesNextRequest(t *testing.T) {
 		break
 	}
 }
+
+// cgiName is the variable a CGI/FastCGI backend (PHP's $_SERVER, Caddy's
+// php_fastcgi) reads a request header as: upper case, '-' as '_', and PHP
+// folds '.' to '_' too.
+func cgiName(header string) string {
+	return "HTTP_" + strings.NewReplacer("-", "_", ".", "_").Replace(strings.ToUpper(header))
+}
+
+// TestAttackAllowlistedSpellingsOfOverrideHeaders: when the server keeps
+// some '_' or '.' header names (expected_underscore_headers,
+// expected_dot_headers), stripIdentityHeaders switches to its loose scan
+// for the identity headers, but the method-override check and the removal
+// of X-Original-URL / X-Rewrite-URL stay exact. X_HTTP_Method_Override and
+// X_Original_URL then reach a CGI/FastCGI backend as
+// HTTP_X_HTTP_METHOD_OVERRIDE and HTTP_X_ORIGINAL_URL, the variables PHP
+// frameworks read, with nothing checked.
+func TestAttackAllowlistedSpellingsOfOverrideHeaders(t *testing.T) {
+	g := startAttackGateway(t, "servers {\n\t\texpected_underscore_headers x_*\n\t\texpected_dot_headers x.*\n\t}",
+		"", map[string]string{"raw": newRawEcho(t)})
+	addr := g.sites["raw"]
+	for _, tc := range []struct {
+		header string // the line sent
+		target string // what the guard would refuse (or remove) in canonical spelling
+	}{
+		{"X_HTTP_Method_Override: DELETE", "HTTP_X_HTTP_METHOD_OVERRIDE"},
+		{"X.HTTP.Method: DELETE", "HTTP_X_HTTP_METHOD"},
+		{"X_Method_Override: DELETE", "HTTP_X_METHOD_OVERRIDE"},
+		{"X_Original_URL: /v1/webhooks/1", "HTTP_X_ORIGINAL_URL"},
+		{"X.Rewrite.URL: /v1/webhooks/1", "HTTP_X_REWRITE_URL"},
+	} {
+		resp := sendRaw(t, addr, getRaw("GET", "/v1/analytics/daily", g.analytics, tc.header))
+		if resp.status != 200 {
+			continue // refused: held
+		}
+		var seen rawSeen
+		if err := json.Unmarshal(resp.body, &seen); err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range seen.Headers {
+			name, _, _ := strings.Cut(l, ":")
+			if cgiName(name) == tc.target {
+				t.Errorf("sent %q with an analytics:read key: 200, and the backend received %q, which a CGI/FastCGI backend reads as %s", tc.header, l, tc.target)
+			}
+		}
+	}
+}
