@@ -2,6 +2,7 @@ package apikeys
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,6 +16,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // attackGateway is a real Caddy like startEdgeGateway's, with one site per
@@ -214,6 +217,21 @@ func TestAttackMalformedBodyIs5xx(t *testing.T) {
 			}
 		}
 	})
+	t.Run("h2c prior knowledge, body shorter than content-length", func(t *testing.T) {
+		// The edge sites set no `protocols`, yet a plain-HTTP site accepts
+		// HTTP/2 with prior knowledge: Caddy enables unencrypted HTTP/2
+		// whenever h2 is on, and its listener checks the preface only when
+		// h1 or h2 is off.
+		g := startEdgeGateway(t, "")
+		status := h2cRequest(t, g.mux, []hpack.HeaderField{
+			{Name: ":method", Value: "GET"}, {Name: ":scheme", Value: "http"}, {Name: ":authority", Value: "gateway"},
+			{Name: ":path", Value: "/v1/analytics/daily"}, {Name: "authorization", Value: "Bearer " + g.analytics},
+			{Name: "content-length", Value: "10"},
+		}, "ab")
+		if status >= 500 {
+			t.Errorf("HTTP/2 GET /v1/analytics/daily, content-length 10, 2 bytes of body: the gateway answered %d, want a 4xx", status)
+		}
+	})
 	t.Run("passive health checks", func(t *testing.T) {
 		g := startAttackGateway(t, "", "fail_duration 30s\n\t\tmax_fails 1", map[string]string{"mux": newMuxBackend(t)})
 		addr := g.sites["mux"]
@@ -353,6 +371,54 @@ func TestAttackAllowlistedSpellingsOfOverrideHeaders(t *testing.T) {
 			if cgiName(name) == tc.target {
 				t.Errorf("sent %q with an analytics:read key: 200, and the backend received %q, which a CGI/FastCGI backend reads as %s", tc.header, l, tc.target)
 			}
+		}
+	}
+}
+
+// h2cRequest sends one HTTP/2 request with prior knowledge (fields as
+// given, then data with END_STREAM) and returns the response status, or 0
+// when the stream was reset.
+func h2cRequest(t *testing.T, addr string, fields []hpack.HeaderField, data string) int {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(conn, conn)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	_ = fr.WriteSettings()
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range fields {
+		_ = enc.WriteField(f)
+	}
+	_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndHeaders: true, EndStream: data == ""})
+	if data != "" {
+		_ = fr.WriteData(1, true, []byte(data))
+	}
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("HTTP/2 with prior knowledge: %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				_ = fr.WriteSettingsAck()
+			}
+		case *http2.MetaHeadersFrame:
+			if st := f.PseudoValue("status"); st != "" {
+				n := 0
+				fmt.Sscan(st, &n)
+				return n
+			}
+		case *http2.RSTStreamFrame, *http2.GoAwayFrame:
+			return 0
 		}
 	}
 }
