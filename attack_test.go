@@ -422,3 +422,33 @@ func h2cRequest(t *testing.T, addr string, fields []hpack.HeaderField, data stri
 		}
 	}
 }
+
+// TestAttackTEWithCLKeepsConnection: RFC 9112 §6.3 says a server that
+// gets both Transfer-Encoding and Content-Length MUST close the connection
+// after responding, because the two framings disagree on where the next
+// request starts. The gateway reads the body as chunked and keeps the
+// connection, so the bytes a Content-Length reader counts as this
+// request's body are served as a second request (here without any key:
+// the request itself needs none to be sent on).
+func TestAttackTEWithCLKeepsConnection(t *testing.T) {
+	g := startEdgeGateway(t, "")
+	smuggled := "GET /v1/webhooks/1 HTTP/1.1\r\nHost: gateway\r\n\r\n"
+	body := "0\r\n\r\n" + smuggled
+	msg := fmt.Sprintf("GET /v1/analytics/daily HTTP/1.1\r\nHost: gateway\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n%s", len(body), body)
+	conn, err := net.DialTimeout("tcp", g.mux, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(conn, msg); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	t.Logf("the message: %d", readRawResponse(t, br, msg).status)
+	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if resp, err := http.ReadResponse(br, &http.Request{Method: "GET"}); err == nil {
+		resp.Body.Close()
+		t.Errorf("Transfer-Encoding with Content-Length: the connection stayed open and the bytes inside Content-Length were answered as a second request (%d)", resp.StatusCode)
+	}
+}
