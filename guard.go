@@ -1,11 +1,13 @@
 package apikeys
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/textproto"
+	"net/url"
 	"slices"
 	"strings"
 
@@ -158,13 +160,120 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if key.NoteUse(now) {
 		h.usage.touch(key.ID(), now)
 	}
-	if r.Trailer != nil || r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody {
-		// The body may end in trailers: drop protected ones as they arrive.
-		r.Body = &trailerScrubber{ReadCloser: r.Body, r: r, h: h}
-	}
 	validationAccepted.Inc()
 	h.debug("api key accepted", &key)
-	return next.ServeHTTP(w, r)
+	if r.Body == nil || r.Body == http.NoBody {
+		return next.ServeHTTP(w, r)
+	}
+	return h.serveWithBody(w, r, next)
+}
+
+// serveWithBody passes on a request that has a body, watching the body for
+// what only its end reveals (see bodyWatch).
+func (h *Handler) serveWithBody(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	bw := &bodyWatch{r: r, h: h}
+	bw.body = watchedBody{ReadCloser: r.Body, bw: bw}
+	bw.w = watchedWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, bw: bw}
+	r.Body = &bw.body
+	err := next.ServeHTTP(&bw.w, r)
+	if bw.err != nil && !bw.w.wrote {
+		// reverse_proxy failed because the client's body was malformed
+		// and answered with an error rather than through watchedWriter.
+		return bw.w.refuse()
+	}
+	return err
+}
+
+// bodyWatch watches the body of a request on its way to the backend, for
+// what only its end reveals: trailers, where net/http puts every trailer
+// field received over HTTP/1.1, declared or not, and reverse_proxy forwards
+// what it finds (protected names are dropped), and a framing error in the
+// client's body (a bad chunk, an oversized trailer, an HTTP/2 body shorter
+// than its content-length), which reverse_proxy would answer as 502 and
+// count against the upstream in passive health checks. Such an error is
+// the client's: it is answered 400 malformed_body and charged to nobody.
+// One allocation holds the body and the response writer it guards.
+type bodyWatch struct {
+	body watchedBody
+	w    watchedWriter
+	r    *http.Request
+	h    *Handler
+	err  error // a read of the body failed (not io.EOF, not cancellation)
+}
+
+type watchedBody struct {
+	io.ReadCloser
+	bw *bodyWatch
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	switch {
+	case err == nil:
+	case err == io.EOF:
+		tr := b.bw.r.Trailer
+		for name := range tr {
+			if b.bw.h.isProtected(name) {
+				delete(tr, name)
+			}
+		}
+	case b.bw.r.Context().Err() == nil:
+		b.bw.err = err
+		return n, malformedBodyError{err}
+	}
+	return n, err
+}
+
+// malformedBodyError is a framing error in a client's request body. To
+// reverse_proxy it reads as context.Canceled, the error it already treats
+// as the client's (no retry, no passive health failure, status 499), and
+// watchedWriter answers 400 in place of that 499.
+type malformedBodyError struct{ err error }
+
+func (e malformedBodyError) Error() string {
+	return "apikeys: malformed request body: " + e.err.Error()
+}
+func (e malformedBodyError) Unwrap() error        { return e.err }
+func (e malformedBodyError) Is(target error) bool { return target == context.Canceled }
+
+// watchedWriter is the response writer of a request whose body is watched.
+type watchedWriter struct {
+	caddyhttp.ResponseWriterWrapper
+	bw       *bodyWatch
+	wrote    bool // a status was written
+	replaced bool // the status was replaced by refuse's 400
+}
+
+func (w *watchedWriter) WriteHeader(code int) {
+	if w.wrote {
+		return
+	}
+	if w.bw.err != nil && (code == 499 || code >= 500) {
+		_ = w.refuse()
+		return
+	}
+	w.wrote = true
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *watchedWriter) Write(p []byte) (int, error) {
+	if w.replaced {
+		return len(p), nil
+	}
+	w.wrote = true
+	return w.ResponseWriter.Write(p)
+}
+
+// refuse answers 400 malformed_body and closes an HTTP/1.x connection,
+// whose remaining bytes cannot be trusted to start a request.
+func (w *watchedWriter) refuse() error {
+	w.wrote, w.replaced = true, true
+	validationBadRequest.Inc()
+	if w.bw.r.ProtoMajor == 1 {
+		w.Header().Set("Connection", "close")
+	}
+	return writeError(w.ResponseWriter, &apiError{status: http.StatusBadRequest, code: "malformed_body",
+		message: "The request body is malformed: " + w.bw.err.Error() + "."})
 }
 
 // hopByHopHygiene keeps the client from changing, through HTTP's hop-by-hop
@@ -179,7 +288,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 //     would carry later requests past it;
 //   - trailers declared (Trailer header) under a protected name are refused
 //     with 400 forbidden_trailer; undeclared ones are dropped at the end of
-//     the body by trailerScrubber;
+//     the body (see bodyWatch);
 //   - X-Original-URL and X-Rewrite-URL, which some backends route on in
 //     place of the request line, are removed.
 //
@@ -265,28 +374,6 @@ func onlyWebSocket(vals []string) bool {
 	return seen
 }
 
-// trailerScrubber removes protected fields from the request's trailers
-// when the body reaches its end: net/http fills Request.Trailer then, with
-// every trailer field received over HTTP/1.1, declared or not, and
-// reverse_proxy forwards what it finds there.
-type trailerScrubber struct {
-	io.ReadCloser
-	r *http.Request
-	h *Handler
-}
-
-func (s *trailerScrubber) Read(p []byte) (int, error) {
-	n, err := s.ReadCloser.Read(p)
-	if err == io.EOF {
-		for name := range s.r.Trailer {
-			if s.h.isProtected(name) {
-				delete(s.r.Trailer, name)
-			}
-		}
-	}
-	return n, err
-}
-
 // lookupPrevious looks a key up under the previous secrets' digests, after
 // the current secret's gave ErrNotFound. Unknown digests are remembered by
 // the cache, so a fake key costs each secret one store read at most.
@@ -301,7 +388,10 @@ func (h *Handler) lookupPrevious(r *http.Request, token string) (keystore.Cached
 }
 
 // stripIdentityHeaders removes client-sent copies of the identity headers.
-// It runs on every guarded request before anything else. Names that differ
+// It runs on every guarded request before anything else. Where the server
+// lets '_' and '.' spellings in, it also removes those of X-Original-URL
+// and X-Rewrite-URL and gathers those of the method-override headers under
+// their canonical names (see allowed). Names that differ
 // only in case or in '_' or '.' for '-' (X_Api_Key_Owner) go too: CGI,
 // FastCGI (php_fastcgi) and WSGI backends read them all as
 // HTTP_X_API_KEY_OWNER. Caddy drops every header name with '_' or '.'
@@ -318,9 +408,20 @@ func (h *Handler) stripIdentityHeaders(r *http.Request) {
 		len(srv.ExpectedUnderscoreHeaders) == 0 && len(srv.ExpectedDotHeaders) == 0 {
 		return
 	}
-	for name := range r.Header {
-		if sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes) {
+	for name, vals := range r.Header {
+		switch {
+		case sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes),
+			sameHeaderLoosely(name, "X-Original-Url") || sameHeaderLoosely(name, "X-Rewrite-Url"):
 			delete(r.Header, name)
+		default:
+			// Spellings of the method-override headers join the canonical
+			// name, which the scope check reads (CGI reads them as one).
+			for _, o := range methodOverrideHeaders {
+				if name != o && sameHeaderLoosely(name, o) {
+					delete(r.Header, name)
+					r.Header[o] = append(r.Header[o], vals...)
+				}
+			}
 		}
 	}
 }
@@ -384,15 +485,88 @@ func (h *Handler) allowed(key *keystore.CachedKey, r *http.Request) (required []
 			}
 		}
 	}
-	if q := r.URL.RawQuery; q != "" && strings.Contains(q, "_method") {
-		for _, v := range r.URL.Query()["_method"] {
-			m := strings.ToUpper(strings.TrimSpace(v))
+	for q := r.URL.RawQuery; q != ""; {
+		var m string
+		var found bool
+		if m, q, found = nextQueryMethod(q); found {
 			if required, ok = h.allowedMethod(key, m, r.URL.Path, split, hasSplit); !ok {
 				return required, false
 			}
 		}
 	}
 	return nil, true
+}
+
+// nextQueryMethod reads the first parameter of query q and returns the rest
+// of q. found reports whether that parameter is one some backend reads as
+// `_method`, however it is spelled: pairs split at '&' and at ';' (Rack 2,
+// older Python), names percent-decoded with '+' as a space (every
+// framework), ASCII case ignored (ASP.NET), '.', ' ' and '[' read as '_'
+// (PHP), `_method[…]` as `_method` (PHP arrays); method is then its value,
+// decoded and upper-cased. The caller reads the whole query, with no pair
+// limit; only a match allocates.
+func nextQueryMethod(q string) (method, rest string, found bool) {
+	pair := q
+	if i := strings.IndexAny(q, "&;"); i >= 0 {
+		pair, rest = q[:i], q[i+1:]
+	}
+	name, value, _ := strings.Cut(pair, "=")
+	if !isMethodParam(name) {
+		return "", rest, false
+	}
+	v, err := url.QueryUnescape(value)
+	if err != nil {
+		v = value // a lenient parser keeps the raw text
+	}
+	return strings.ToUpper(strings.TrimSpace(v)), rest, true
+}
+
+// isMethodParam reports whether an encoded query parameter name reads as
+// `_method` to some backend (see queryMethods). It does not allocate.
+func isMethodParam(name string) bool {
+	const want = "_method"
+	n := 0 // bytes of want matched
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch c {
+		case '+':
+			c = ' '
+		case '%':
+			if i+2 >= len(name) {
+				break
+			}
+			hi, ok1 := unhexByte(name[i+1])
+			lo, ok2 := unhexByte(name[i+2])
+			if ok1 && ok2 {
+				c = hi<<4 | lo
+				i += 2
+			}
+		}
+		if n == len(want) {
+			return c == '[' // PHP: _method[] and _method[x] are _method
+		}
+		switch c {
+		case '.', ' ', '[':
+			c = '_'
+		}
+		if c|0x20 != want[n] && c != want[n] {
+			return false
+		}
+		n++
+	}
+	return n == len(want)
+}
+
+func unhexByte(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
 }
 
 // methodOverrideHeaders are the request headers that backends read as the

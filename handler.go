@@ -18,6 +18,15 @@ import (
 // requesttarget), so that every decision below is made on the path the
 // backend will read.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if len(r.TransferEncoding) > 0 && r.ProtoMajor == 1 {
+		// A chunked HTTP/1.x request closes its connection after the
+		// response, whatever the answer: net/http drops a Content-Length
+		// sent beside Transfer-Encoding without closing (RFC 9112 §6.1 says
+		// the server MUST close then), and after a framing error in the
+		// chunks the rest of the connection cannot be trusted to start a
+		// request.
+		w.Header().Set("Connection", "close")
+	}
 	if err := h.checkPath(r); err != nil {
 		validationBadRequest.Inc()
 		return writeError(w, &apiError{status: http.StatusBadRequest, code: "non_canonical_path",
