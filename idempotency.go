@@ -195,7 +195,12 @@ func (h *Handler) finishIdempotent(w http.ResponseWriter, ctx context.Context, i
 // executeMint stores the new key and, for a rotation, starts the old key's
 // grace period. It is safe to run again for the same operation.
 func (h *Handler) executeMint(ctx context.Context, op *mintOp) *apiError {
-	if err := h.store.Create(ctx, op.key); err != nil {
+	// The limit is checked by the store in the same atomic step as the
+	// insert, so parallel requests cannot overshoot it.
+	switch err := h.store.CreateLimited(ctx, op.key, h.MaxKeysPerOwner, h.now()); {
+	case errors.Is(err, keystore.ErrLimitReached):
+		return h.keyLimitError()
+	case err != nil:
 		h.logger.Error("storing new key failed; nothing minted", zap.String("owner", op.key.Owner), zap.Error(err))
 		return errStoreUnavailable
 	}

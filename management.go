@@ -146,9 +146,6 @@ func (h *Handler) prepareCreate(ctx context.Context, claims jwtauth.Claims, body
 	if aerr := h.grantable(claims, req.Scopes); aerr != nil {
 		return nil, aerr
 	}
-	if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
-		return nil, aerr
-	}
 	key, raw, err := h.newKey(claims.Owner, req)
 	if err != nil {
 		return nil, internalError(err)
