@@ -10,6 +10,7 @@ import (
 	"math"
 	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -42,31 +43,23 @@ func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error 
 		return writeError(w, &apiError{status: http.StatusNotFound, code: "not_found",
 			message: "Key management is not enabled on this server (no dashboard_jwt is configured)."})
 	}
+	id, action, ok := h.managementRoute(r.URL.Path)
+	methods := routeMethods(id, action, ok)
 	if r.Method == http.MethodOptions {
-		return h.preflight(w, r) // never 401: browsers send no credentials here
+		return h.preflight(w, r, methods) // never 401: browsers send no credentials here
 	}
 	h.corsHeaders(w, r)
-
-	id, action, ok := h.managementRoute(r.URL.Path)
-	var allow string
-	switch {
-	case !ok:
-		allow = ""
-	case id == "":
-		allow = "GET, POST"
-	case action == "":
-		allow = "GET, PATCH, DELETE"
-	default:
-		allow = "POST"
-	}
-	if allow == "" {
+	if !ok {
 		// Unknown path: say nothing to strangers.
 		if _, ok := h.authenticateDashboard(w, r); !ok {
 			return nil
 		}
 		return writeError(w, errNotFound)
 	}
-	if !strings.Contains(allow, r.Method) || r.Method == "" {
+	// Methods are case-sensitive tokens (RFC 9110 §9.1): only an exact
+	// match of a documented method reaches an endpoint.
+	if !slices.Contains(methods, r.Method) {
+		allow := strings.Join(methods, ", ")
 		w.Header().Set("Allow", allow)
 		return writeError(w, &apiError{status: http.StatusMethodNotAllowed, code: "method_not_allowed",
 			message: "This endpoint allows " + allow + "."})
@@ -88,6 +81,22 @@ func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error 
 		return h.servePatch(w, r, claims, id)
 	default:
 		return h.serveRevoke(w, r, claims, id)
+	}
+}
+
+// routeMethods returns the methods of a management route (as
+// managementRoute found it), in the order Allow names them; nil for a path
+// that is no route.
+func routeMethods(id, action string, ok bool) []string {
+	switch {
+	case !ok:
+		return nil
+	case id == "":
+		return []string{http.MethodGet, http.MethodPost}
+	case action == "":
+		return []string{http.MethodGet, http.MethodPatch, http.MethodDelete}
+	default:
+		return []string{http.MethodPost}
 	}
 }
 
