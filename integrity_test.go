@@ -1,12 +1,16 @@
 package apikeys
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
 )
 
 // This file tests the integrity of the management API (issue 10): exact
@@ -197,4 +201,135 @@ func (g *gateway) doHead(req request) *response {
 	}
 	resp.Body.Close()
 	return &response{status: resp.StatusCode, header: resp.Header}
+}
+
+// orgToken signs a dashboard JWT for a member of org with the given grants
+// (for owner_claim org, scopes_claim perms).
+func orgToken(t testing.TB, sub, org string, perms any) string {
+	return signToken(t, jwt.SigningMethodHS256, []byte(testJWTSecret), jwt.MapClaims{
+		"sub": sub, "org": org, "perms": perms, "iss": testIssuer, "aud": testAudience,
+		"iat": time.Now().Unix(), "exp": time.Now().Add(time.Hour).Unix(),
+	})
+}
+
+// TestReplayIntegrity: an idempotent replay is authorised like a fresh
+// request, never hands out a key that no longer validates as it did, and
+// matches requests by meaning rather than bytes; replays are logged.
+func TestReplayIntegrity(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			g := startGateway(t, kind, "", "owner_claim org\nscopes_claim perms")
+			admin := orgToken(t, "admin", "acme", "*")
+			reader := orgToken(t, "reader", "acme", []string{"analytics:read"})
+			post := func(tok, path, key, body string) *response {
+				return g.do(request{method: "POST", path: path, bearer: tok, body: body, header: idem(key)})
+			}
+			mustCreate := func(tok, key, body string) createdKey {
+				t.Helper()
+				r := post(tok, "/v1/apikeys", key, body)
+				if r.status != 201 {
+					t.Fatalf("create: %d %s", r.status, r.body)
+				}
+				var k createdKey
+				_ = json.Unmarshal(r.env.Data, &k)
+				return k
+			}
+			refused := func(what string, r *response, status int, code string) {
+				t.Helper()
+				if r.status != status || r.errCode() != code {
+					t.Errorf("%s: %d %s, want %d %s", what, r.status, r.body, status, code)
+				}
+				if strings.Contains(string(r.body), "wbk_") {
+					t.Errorf("%s: the answer holds a key: %s", what, r.body)
+				}
+			}
+
+			t.Run("replay re-checks grants", func(t *testing.T) {
+				full := mustCreate(admin, "grant-1", `{"name":"full"}`)
+				refused("narrower session replaying a full-access create", post(reader, "/v1/apikeys", "grant-1", `{"name":"full"}`), 403, "scope_not_grantable")
+				refused("the same create, fresh", post(reader, "/v1/apikeys", "grant-fresh", `{"name":"full"}`), 403, "scope_not_grantable")
+				if r := post(admin, "/v1/apikeys", "grant-1", `{"name":"full"}`); r.status != 201 || r.header.Get("Idempotent-Replayed") != "true" {
+					t.Errorf("admin's own replay: %d %s", r.status, r.body)
+				}
+				// A grant the narrower session holds is replayed to it.
+				scoped := mustCreate(admin, "grant-2", `{"name":"r","scopes":["analytics:read"]}`)
+				r := post(reader, "/v1/apikeys", "grant-2", `{"name":"r","scopes":["analytics:read"]}`)
+				if r.status != 201 || !strings.Contains(string(r.body), scoped.Key) {
+					t.Errorf("replay of a grantable key: %d %s", r.status, r.body)
+				}
+				// Rotations too: the reader may not rotate (or replay the
+				// rotation of) a full-access key.
+				refused("narrower session replaying a rotation", func() *response {
+					if r := post(admin, "/v1/apikeys/"+full.KeyID+"/rotate", "grant-rot", ""); r.status != 201 {
+						t.Fatalf("rotate: %d %s", r.status, r.body)
+					}
+					return post(reader, "/v1/apikeys/"+full.KeyID+"/rotate", "grant-rot", "")
+				}(), 403, "scope_not_grantable")
+			})
+
+			t.Run("no replay of a key that changed", func(t *testing.T) {
+				body := `{"name":"changing","scopes":["analytics:read"]}`
+				revoked := mustCreate(admin, "gone-revoke", body)
+				rotated := mustCreate(admin, "gone-rotate", body)
+				patched := mustCreate(admin, "gone-patch", body)
+				if r := g.do(request{method: "DELETE", path: "/v1/apikeys/" + revoked.KeyID, bearer: admin}); r.status != 200 {
+					t.Fatalf("revoke: %d", r.status)
+				}
+				if r := post(admin, "/v1/apikeys/"+rotated.KeyID+"/rotate", "rot-of-rotated", `{"grace_period_seconds":600}`); r.status != 201 {
+					t.Fatalf("rotate: %d %s", r.status, r.body)
+				}
+				if r := g.do(request{method: "PATCH", path: "/v1/apikeys/" + patched.KeyID, bearer: admin, body: `{"scopes":["webhooks:manage"]}`}); r.status != 200 {
+					t.Fatalf("patch: %d %s", r.status, r.body)
+				}
+				refused("replay after revoke", post(admin, "/v1/apikeys", "gone-revoke", body), 409, "idempotency_replay_unavailable")
+				refused("replay after rotate", post(admin, "/v1/apikeys", "gone-rotate", body), 409, "idempotency_replay_unavailable")
+				refused("replay after a scope change", post(admin, "/v1/apikeys", "gone-patch", body), 409, "idempotency_replay_unavailable")
+
+				// The replay of a rotation whose new key was revoked.
+				r := post(admin, "/v1/apikeys/"+patched.KeyID+"/rotate", "rot-2", "")
+				var replacement createdKey
+				_ = json.Unmarshal(r.env.Data, &replacement)
+				if r.status != 201 {
+					t.Fatalf("rotate: %d %s", r.status, r.body)
+				}
+				g.do(request{method: "DELETE", path: "/v1/apikeys/" + replacement.KeyID, bearer: admin})
+				refused("rotation replay after its key was revoked", post(admin, "/v1/apikeys/"+patched.KeyID+"/rotate", "rot-2", ""), 409, "idempotency_replay_unavailable")
+			})
+
+			t.Run("fingerprint is the meaning", func(t *testing.T) {
+				first := post(admin, "/v1/apikeys", "meaning-1", `{"name":"ci","scopes":["analytics:read"],"expires_in_days":30}`)
+				if first.status != 201 {
+					t.Fatalf("first: %d %s", first.status, first.body)
+				}
+				for _, same := range []string{
+					`{"expires_in_days":30,"scopes":["analytics:read"],"name":"ci"}`,
+					"{\n  \"name\" : \"ci\",\n  \"scopes\" : [ \"analytics:read\" ],\n  \"expires_in_days\" : 30\n}\n",
+					`{"name":"\u0063i","scopes":["analytics:read"],"expires_in_days":30.0}`,
+				} {
+					r := post(admin, "/v1/apikeys", "meaning-1", same)
+					if r.status != 201 || r.header.Get("Idempotent-Replayed") != "true" || string(r.body) != string(first.body) {
+						t.Errorf("%s: %d replayed=%q %s", same, r.status, r.header.Get("Idempotent-Replayed"), r.body)
+					}
+				}
+				refused("another meaning", post(admin, "/v1/apikeys", "meaning-1", `{"name":"ci","scopes":["analytics:read"],"expires_in_days":31}`), 422, "idempotency_key_reused")
+				// Omitted and null scopes mean the same (full access); so do
+				// an omitted body and {} for a rotation.
+				if r := post(admin, "/v1/apikeys", "meaning-2", `{"name":"x"}`); r.status != 201 {
+					t.Fatalf("create: %d", r.status)
+				}
+				if r := post(admin, "/v1/apikeys", "meaning-2", `{"scopes":null,"name":"x"}`); r.header.Get("Idempotent-Replayed") != "true" {
+					t.Errorf("explicit null: %d %s", r.status, r.body)
+				}
+			})
+
+			// Replays are logged at Info like creates, never with the key.
+			logs := grepLogs(g.readLogs(), `"msg":"api key replayed"`)
+			if !strings.Contains(logs, `"level":"info"`) || !strings.Contains(logs, `"owner":"acme"`) || !strings.Contains(logs, `"key_id":"key_`) {
+				t.Errorf("no Info log of a replay with owner and key_id: %q", logs)
+			}
+			if strings.Contains(logs, "wbk_") {
+				t.Error("a replay log line holds a key")
+			}
+		})
+	}
 }

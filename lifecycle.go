@@ -257,7 +257,8 @@ func (h *Handler) serveRotate(w http.ResponseWriter, r *http.Request, claims jwt
 			grace = time.Duration(secs) * time.Second
 		}
 	}
-	return h.mint(w, r, claims.Owner, body, func(ctx context.Context) (*mintOp, *apiError) {
+	meaning := strconv.FormatInt(int64(grace/time.Second), 10)
+	return h.mint(w, r, claims, body, meaning, func(ctx context.Context) (*mintOp, *apiError) {
 		return h.prepareRotate(ctx, claims, id, grace)
 	})
 }

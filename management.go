@@ -140,18 +140,18 @@ func (h *Handler) serveCreate(w http.ResponseWriter, r *http.Request, claims jwt
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
-	return h.mint(w, r, claims.Owner, body, func(ctx context.Context) (*mintOp, *apiError) {
-		return h.prepareCreate(ctx, claims, body)
+	req, aerr := h.parseCreateRequest(body)
+	if aerr != nil {
+		return writeError(w, aerr) // nothing stored: a corrected retry runs afresh
+	}
+	return h.mint(w, r, claims, body, req.meaning(), func(ctx context.Context) (*mintOp, *apiError) {
+		return h.prepareCreate(ctx, claims, req)
 	})
 }
 
-// prepareCreate validates a create body for the session and mints the key
-// it asks for (not stored yet).
-func (h *Handler) prepareCreate(ctx context.Context, claims jwtauth.Claims, body []byte) (*mintOp, *apiError) {
-	req, aerr := h.parseCreateRequest(body)
-	if aerr != nil {
-		return nil, aerr
-	}
+// prepareCreate checks that the session may create the key req asks for
+// and mints it (not stored yet).
+func (h *Handler) prepareCreate(ctx context.Context, claims jwtauth.Claims, req createRequest) (*mintOp, *apiError) {
 	if aerr := h.grantable(claims, req.Scopes); aerr != nil {
 		return nil, aerr
 	}
@@ -229,9 +229,17 @@ func readJSONBody(w http.ResponseWriter, r *http.Request, allowEmpty bool) ([]by
 
 // createRequest is a validated body of POST /v1/apikeys.
 type createRequest struct {
-	Name          string
-	Scopes        []string // nil: full access
-	ExpiresInDays int      // 0: never expires
+	Name          string   `json:"name"`
+	Scopes        []string `json:"scopes"`          // nil: full access
+	ExpiresInDays int      `json:"expires_in_days"` // 0: never expires
+}
+
+// meaning returns what the request asks for in one canonical form, so that
+// the Idempotency-Key fingerprint does not depend on member order,
+// whitespace, escapes, number spelling or an explicit null.
+func (req createRequest) meaning() string {
+	b, _ := json.Marshal(req) // cannot fail: strings, a string slice, an int
+	return string(b)
 }
 
 // parseCreateRequest decodes and validates a create body strictly: unknown
