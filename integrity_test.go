@@ -5,12 +5,18 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
 )
 
 // This file tests the integrity of the management API (issue 10): exact
@@ -331,5 +337,121 @@ func TestReplayIntegrity(t *testing.T) {
 				t.Error("a replay log line holds a key")
 			}
 		})
+	}
+}
+
+// signWith signs claims with HS256 under the test dashboard secret, with
+// the given header members set (nil deletes one).
+func signWith(t testing.TB, header map[string]any, claims jwt.MapClaims) string {
+	t.Helper()
+	tok := jwt.NewWithClaims(jwt.SigningMethodHS256, claims)
+	for k, v := range header {
+		if v == nil {
+			delete(tok.Header, k)
+		} else {
+			tok.Header[k] = v
+		}
+	}
+	s, err := tok.SignedString([]byte(testJWTSecret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestDashboardTokenStrictness: owners a backend could not receive byte for
+// byte, crit headers, typ outside the allowlist and tokens issued for
+// longer than max_token_age get 401 invalid_token; key names refuse
+// bidirectional controls.
+func TestDashboardTokenStrictness(t *testing.T) {
+	g := startGateway(t, "file", "", "max_token_age 1h\ntyp JWT")
+	claims := func(sub string, life time.Duration) jwt.MapClaims {
+		return jwt.MapClaims{"sub": sub, "iss": testIssuer, "aud": testAudience,
+			"iat": time.Now().Unix(), "exp": time.Now().Add(life).Unix()}
+	}
+	list := func(tok string) *response {
+		return g.do(request{method: "GET", path: "/v1/apikeys", bearer: tok})
+	}
+	if r := list(dashboardToken(t, "alice")); r.status != 200 {
+		t.Fatalf("valid token: %d %s", r.status, r.body)
+	}
+	for name, tok := range map[string]string{
+		"owner with a trailing space": signWith(t, nil, claims("alice ", time.Hour)),
+		"owner with a leading space":  signWith(t, nil, claims(" alice", time.Hour)),
+		"owner with U+2028":           signWith(t, nil, claims("ali\u2028ce", time.Hour)),
+		"owner with a bidi override":  signWith(t, nil, claims("alice\u202e", time.Hour)),
+		"crit naming an extension":    signWith(t, map[string]any{"crit": []string{"urn:x"}, "urn:x": true}, claims("alice", time.Hour)),
+		"crit empty":                  signWith(t, map[string]any{"crit": []string{}}, claims("alice", time.Hour)),
+		"typ outside the allowlist":   signWith(t, map[string]any{"typ": "id+jwt"}, claims("alice", time.Hour)),
+		"no typ":                      signWith(t, map[string]any{"typ": nil}, claims("alice", time.Hour)),
+		"issued for a day":            signWith(t, nil, claims("alice", 24*time.Hour)),
+	} {
+		r := list(tok)
+		if r.status != 401 || r.errCode() != "invalid_token" {
+			t.Errorf("%s: %d %s, want 401 invalid_token", name, r.status, r.body)
+		}
+	}
+
+	alice := dashboardToken(t, "alice")
+	k := g.create("alice", `{"name":"plain"}`)
+	for _, name := range []string{"evil\u202etxt.exe", "\u2066name\u2069", "a\u200fb", "a\u061cb"} {
+		body, _ := json.Marshal(map[string]string{"name": name})
+		for _, req := range []request{
+			{method: "POST", path: "/v1/apikeys", bearer: alice, body: string(body)},
+			{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: string(body)},
+		} {
+			r := g.do(req)
+			if r.status != 400 || r.errCode() != "validation_error" || r.env.Error.Field != "name" {
+				t.Errorf("%s name %q: %d %s", req.method, name, r.status, r.body)
+			}
+		}
+	}
+	if n := g.countKeys("alice"); n != 1 {
+		t.Errorf("alice has %d keys, want 1", n)
+	}
+}
+
+// TestValidateWarnsJWKSWithoutAudience: `caddy validate` warns when
+// dashboard_jwt trusts a JWKS without checking the audience, and is quiet
+// once audience is set.
+func TestValidateWarnsJWKSWithoutAudience(t *testing.T) {
+	jwks := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"keys":[]}`)
+	}))
+	defer jwks.Close()
+	for _, tc := range []struct {
+		audience string
+		warn     bool
+	}{{"", true}, {"audience dashboard", false}} {
+		dir := t.TempDir()
+		cfg := filepath.Join(dir, "Caddyfile")
+		body := fmt.Sprintf(`{
+	admin off
+	persist_config off
+}
+:0 {
+	apikeys {
+		store file %s
+		dashboard_jwt {
+			jwks %s/jwks.json
+			%s
+		}
+	}
+}
+`, filepath.Join(dir, "keys.db"), jwks.URL, tc.audience)
+		if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(testcaddy.Binary(t), "validate", "--config", cfg, "--adapter", "caddyfile")
+		cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("validate: %v\n%s", err, out)
+		}
+		warned := strings.Contains(string(out), "jwks is set without audience")
+		if warned != tc.warn {
+			t.Errorf("%q: warned=%v, want %v:\n%s", tc.audience, warned, tc.warn, out)
+		}
 	}
 }

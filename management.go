@@ -331,7 +331,8 @@ func validationError(field, msg string) *apiError {
 func isNull(raw json.RawMessage) bool { return string(raw) == "null" }
 
 // validateName checks a key name: present, not blank, at most maxNameLen
-// characters, no control characters.
+// characters, no control characters, line or paragraph separators, or
+// bidirectional controls (which make a name display as another).
 func validateName(name string) *apiError {
 	if strings.TrimSpace(name) == "" {
 		return validationError("name", "`name` must not be empty.")
@@ -342,6 +343,9 @@ func validateName(name string) *apiError {
 	for _, c := range name {
 		if unicode.IsControl(c) || c == '\u2028' || c == '\u2029' || c == utf8.RuneError {
 			return validationError("name", "`name` must not contain control characters.")
+		}
+		if unicode.Is(unicode.Bidi_Control, c) {
+			return validationError("name", "`name` must not contain bidirectional control characters (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069).")
 		}
 	}
 	return nil
