@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
@@ -452,6 +453,44 @@ func TestValidateWarnsJWKSWithoutAudience(t *testing.T) {
 		warned := strings.Contains(string(out), "jwks is set without audience")
 		if warned != tc.warn {
 			t.Errorf("%q: warned=%v, want %v:\n%s", tc.audience, warned, tc.warn, out)
+		}
+	}
+}
+
+// TestRedisURLPasswordOnlyFromAPlaceholder: a Redis URL that carries a
+// password must be one placeholder as a whole; the Caddyfile finds the
+// password where the Redis client does, however the URL is spelled.
+func TestRedisURLPasswordOnlyFromAPlaceholder(t *testing.T) {
+	adapt := func(url string) (string, error) {
+		cfg := ":8080 {\n\tapikeys {\n\t\tstore redis " + url + "\n\t}\n}\n"
+		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+		return string(out), err
+	}
+	for _, url := range []string{
+		"redis://:hunter2@127.0.0.1/0?client_name={x}",
+		"redis://:hunter2@127.0.0.1/0?client_name={env.NAME}",
+		"redis+sentinel://user@x:hunter2@127.0.0.1/m",
+		"redis+sentinel://{env.USER}:hunter2@127.0.0.1/m",
+		"redis://:{env.REDIS_PASSWORD}@127.0.0.1/0",
+		"redis+sentinel://127.0.0.1/m?sentinel_password=hunter2&x={y}",
+		"rediss://u:hunter2@127.0.0.1",
+	} {
+		out, err := adapt(url)
+		if err == nil || !strings.Contains(err.Error(), "placeholder") {
+			t.Errorf("%s: adapted (%v): %s", url, err, out)
+		}
+		if err != nil && strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("%s: the error shows the password: %v", url, err)
+		}
+	}
+	for _, url := range []string{
+		"{env.REDIS_URL}",
+		"redis://127.0.0.1/0?client_name={env.NAME}",
+		"redis+sentinel://user@127.0.0.1:26379/m",
+		"redis://user@127.0.0.1/0",
+	} {
+		if _, err := adapt(url); err != nil {
+			t.Errorf("%s: %v", url, err)
 		}
 	}
 }
