@@ -16,6 +16,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
 )
@@ -492,5 +494,62 @@ func TestRedisURLPasswordOnlyFromAPlaceholder(t *testing.T) {
 		if _, err := adapt(url); err != nil {
 			t.Errorf("%s: %v", url, err)
 		}
+	}
+}
+
+// storeErrors sums caddy_apikeys_store_errors_total over every operation.
+func storeErrors(t *testing.T) float64 {
+	t.Helper()
+	ch := make(chan prometheus.Metric, 64)
+	go func() { metricStoreErrors.Collect(ch); close(ch) }()
+	var sum float64
+	for m := range ch {
+		var pb dto.Metric
+		if err := m.Write(&pb); err != nil {
+			t.Fatal(err)
+		}
+		sum += pb.GetCounter().GetValue()
+	}
+	return sum
+}
+
+// TestConflictsAreNotStoreErrors: answers such as 409 key_not_active,
+// key_already_rotated, key_limit_reached and 404 come from a working store
+// and do not count as store errors.
+func TestConflictsAreNotStoreErrors(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			g := startGateway(t, kind, "max_keys_per_owner 2")
+			alice := dashboardToken(t, "alice")
+			k := g.create("alice", `{"name":"a"}`)
+			rotated := g.create("alice", `{"name":"b"}`)
+			if r := g.do(request{method: "POST", path: "/v1/apikeys/" + rotated.KeyID + "/rotate", bearer: alice, body: `{}`}); r.status != 409 || r.errCode() != "key_limit_reached" {
+				t.Fatalf("rotate at the limit: %d %s", r.status, r.body)
+			}
+			if r := g.do(request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: alice}); r.status != 200 {
+				t.Fatalf("revoke: %d", r.status)
+			}
+			if r := g.do(request{method: "POST", path: "/v1/apikeys/" + rotated.KeyID + "/rotate", bearer: alice, body: `{}`}); r.status != 201 {
+				t.Fatalf("rotate: %d %s", r.status, r.body)
+			}
+			before := storeErrors(t)
+			for _, tc := range []struct {
+				req  request
+				code string
+			}{
+				{request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"x"}`}, "key_not_active"},
+				{request{method: "POST", path: "/v1/apikeys/" + rotated.KeyID + "/rotate", bearer: alice, body: `{}`}, "key_already_rotated"},
+				{request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"c"}`}, "key_limit_reached"},
+				{request{method: "PATCH", path: "/v1/apikeys/key_doesnotexist", bearer: alice, body: `{"name":"x"}`}, "not_found"},
+				{request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: dashboardToken(t, "bob")}, "not_found"},
+			} {
+				if r := g.do(tc.req); r.errCode() != tc.code {
+					t.Errorf("%s %s: %d %s, want %s", tc.req.method, tc.req.path, r.status, r.body, tc.code)
+				}
+			}
+			if after := storeErrors(t); after != before {
+				t.Errorf("store_errors_total went from %v to %v on answers of a working store", before, after)
+			}
+		})
 	}
 }
