@@ -218,8 +218,12 @@ func (h *Handler) executeMint(ctx context.Context, op *mintOp) *apiError {
 		return startGrace(k, op.key.ID, *op.graceEnd, h.now())
 	})
 	if err != nil {
-		// Do not leave a second working key behind a failed rotation.
-		if _, rerr := h.store.Revoke(ctx, op.key.ID, h.now()); rerr != nil {
+		// Do not leave a second working key behind a failed rotation. The
+		// failed Update may have used up ctx's deadline (or the client gone
+		// away), so the clean-up gets a bounded deadline of its own.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.storeTimeout)
+		defer cancel()
+		if _, rerr := h.store.Revoke(cctx, op.key.ID, h.now()); rerr != nil {
 			h.logger.Error("revoking the new key of a failed rotation failed", zap.String("key_id", op.key.ID), zap.Error(rerr))
 		}
 		var aerr *apiError

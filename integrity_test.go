@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -19,7 +20,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"go.uber.org/zap"
+
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
 // This file tests the integrity of the management API (issue 10): exact
@@ -551,5 +556,58 @@ func TestConflictsAreNotStoreErrors(t *testing.T) {
 				t.Errorf("store_errors_total went from %v to %v on answers of a working store", before, after)
 			}
 		})
+	}
+}
+
+// hangingUpdates is a real store whose Update of one key hangs until the
+// caller's deadline, as a store that stopped answering would.
+type hangingUpdates struct {
+	keystore.Store
+	id string
+}
+
+func (s hangingUpdates) Update(ctx context.Context, id string, fn func(*keystore.Key) error) (*keystore.Key, error) {
+	if id == s.id {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return s.Store.Update(ctx, id, fn)
+}
+
+// TestRotationCleanupOwnDeadline: when a rotation stores its new key but
+// cannot start the old key's grace period before the request's deadline,
+// the new key is still revoked (under a deadline of its own), so no
+// unannounced key is left working.
+//
+// The store is Redis: its calls honour the context's deadline, where
+// bbolt's ignore it.
+func TestRotationCleanupOwnDeadline(t *testing.T) {
+	srv := testredis.Start(t)
+	real, err := keystore.NewRedis(keystore.RedisOptions{URLs: []string{srv.URL()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer real.Close()
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	old := &keystore.Key{ID: "key_old", Owner: "alice", Name: "k", Prefix: "wbk_00000000",
+		Digest: keystore.Digest{1}, CreatedAt: now}
+	if err := real.Create(t.Context(), old); err != nil {
+		t.Fatal(err)
+	}
+	h := &Handler{store: hangingUpdates{real, old.ID}, logger: zap.NewNop(), now: time.Now, storeTimeout: time.Second}
+	replacement := &keystore.Key{ID: "key_new", Owner: "alice", Name: "k", Prefix: "wbk_11111111",
+		Digest: keystore.Digest{2}, CreatedAt: now, Replaces: old.ID}
+	graceEnd := now.Add(time.Hour)
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	if aerr := h.executeMint(ctx, &mintOp{key: replacement, replaces: old.ID, graceEnd: &graceEnd}); aerr == nil {
+		t.Fatal("the rotation succeeded")
+	}
+	got, err := real.Get(t.Context(), replacement.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Active(time.Now()) {
+		t.Errorf("the new key of the failed rotation still validates: %+v", got)
 	}
 }
