@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/prometheus/client_golang/prometheus"
@@ -609,5 +610,73 @@ func TestRotationCleanupOwnDeadline(t *testing.T) {
 	}
 	if got.Active(time.Now()) {
 		t.Errorf("the new key of the failed rotation still validates: %+v", got)
+	}
+}
+
+// TestIdempotencyKeyKeptOutOfAccessLogs checks the log filter SECURITY.md
+// recommends: with it the access log has no Idempotency-Key; without it
+// (the control) the access log has it.
+func TestIdempotencyKeyKeptOutOfAccessLogs(t *testing.T) {
+	for _, filtered := range []bool{true, false} {
+		dir := t.TempDir()
+		port := freePort(t)
+		format := "format json"
+		if filtered {
+			// As in SECURITY.md.
+			format = "format filter {\n\t\t\twrap json\n\t\t\trequest>headers>Idempotency-Key delete\n\t\t}"
+		}
+		cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+}
+http://127.0.0.1:%[1]d {
+	log {
+		output file %[2]s/access.log
+		%[3]s
+	}
+	apikeys {
+		store file %[2]s/keys.db
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %[4]s
+			audience %[5]s
+		}
+	}
+	respond "ok"
+}
+`, port, dir, format, testIssuer, testAudience)
+		cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Load(cfgJSON, true); err != nil {
+			t.Fatal(err)
+		}
+		const idemKey = "idem-7c1e0b7d-secret-ish"
+		req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/v1/apikeys", port), strings.NewReader(`{"name":"logged"}`))
+		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, "alice"))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", idemKey)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		stopCaddy(t) // flushes and closes the log
+		if resp.StatusCode != 201 {
+			t.Fatalf("create: %d", resp.StatusCode)
+		}
+		logged, err := os.ReadFile(filepath.Join(dir, "access.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(logged), `"uri":"/v1/apikeys"`) {
+			t.Fatalf("no access log line for the request: %s", logged)
+		}
+		if got := strings.Contains(string(logged), idemKey); got == filtered {
+			t.Errorf("filtered=%v: Idempotency-Key in the access log: %v\n%s", filtered, got, logged)
+		}
 	}
 }
