@@ -133,7 +133,13 @@ var allMethods = []string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 // changes nothing; OPTIONS gets the preflight with the same Allow; the
 // documented ones reach their endpoint.
 func TestManagementMethods(t *testing.T) {
-	g := startGateway(t, "file", "")
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) { testManagementMethods(t, kind) })
+	}
+}
+
+func testManagementMethods(t *testing.T, kind string) {
+	g := startGateway(t, kind, "")
 	alice := dashboardToken(t, "alice")
 	k := g.create("alice", `{"name":"target"}`)
 	before, _ := g.list("alice", "")
