@@ -317,7 +317,9 @@ func (h *Handler) replayable(ctx context.Context, announced *keystore.Key) (*key
 	case err != nil:
 		h.logger.Error("loading the key of an idempotent replay failed", zap.Error(err))
 		return nil, errStoreUnavailable
-	case k.Owner != announced.Owner || !k.Digest.Equal(announced.Digest):
+	case k.Owner != announced.Owner:
+		// (Not the digest: a key minted under a previous secret has
+		// that secret's digest.)
 		return nil, replayUnavailable(announced.ID, "deleted")
 	}
 	if st := k.Status(h.now()); st != keystore.StatusActive {
@@ -334,18 +336,16 @@ func (h *Handler) replayable(ctx context.Context, announced *keystore.Key) (*key
 // validates as the stored response says (status: revoked, expired,
 // rotating, changed, deleted).
 func replayUnavailable(keyID, status string) *apiError {
-	what := "is " + status
-	switch status {
-	case keystore.StatusRotating:
-		what = "was rotated"
-	case "changed":
-		what = "had its scopes or expiry changed"
-	case "deleted":
-		what = "no longer exists"
-	}
+	what := map[string]string{
+		keystore.StatusRevoked:  "has been revoked",
+		keystore.StatusExpired:  "has expired",
+		keystore.StatusRotating: "has been rotated",
+		"changed":               "has had its scopes or expiry changed",
+		"deleted":               "no longer exists",
+	}[status]
 	return &apiError{status: http.StatusConflict, code: "idempotency_replay_unavailable",
 		message: "Key " + keyID + ", created by the request with this Idempotency-Key, " + what +
-			" since; its key is not shown again. Use a new Idempotency-Key to create another key."}
+			"; its key is not shown again. Use a new Idempotency-Key to create another key."}
 }
 
 func sameTime(a, b *time.Time) bool {
