@@ -48,16 +48,27 @@ func (g *gateway) parallelStatuses(n int, build func(i int) request) map[string]
 		go func() {
 			defer wg.Done()
 			<-start
-			r, err := http.NewRequest(req.method, g.base+req.path, strings.NewReader(req.body))
-			if err != nil {
-				panic(err)
+			var (
+				resp *http.Response
+				err  error
+			)
+			// A request with an Idempotency-Key is resent after a transport
+			// error (right after a reload the old server may reset a
+			// connection), as a careful client would: it is safe.
+			for attempt := 0; attempt < 3; attempt++ {
+				r, rerr := http.NewRequest(req.method, g.base+req.path, strings.NewReader(req.body))
+				if rerr != nil {
+					panic(rerr)
+				}
+				r.Header.Set("Authorization", "Bearer "+req.bearer)
+				r.Header.Set("Content-Type", "application/json")
+				for k, v := range req.header {
+					r.Header.Set(k, v)
+				}
+				if resp, err = g.client.Do(r); err == nil || req.header["Idempotency-Key"] == "" {
+					break
+				}
 			}
-			r.Header.Set("Authorization", "Bearer "+req.bearer)
-			r.Header.Set("Content-Type", "application/json")
-			for k, v := range req.header {
-				r.Header.Set(k, v)
-			}
-			resp, err := g.client.Do(r)
 			key := "error"
 			if err == nil {
 				body, _ := io.ReadAll(resp.Body)
@@ -96,8 +107,9 @@ func TestKeyLimitParallel(t *testing.T) {
 					}
 				}
 				tok := dashboardToken(t, tc.owner)
-				seen := g.parallelStatuses(tc.n, func(int) request {
-					return request{method: "POST", path: "/v1/apikeys", bearer: tok, body: `{"name":"k"}`}
+				seen := g.parallelStatuses(tc.n, func(i int) request {
+					return request{method: "POST", path: "/v1/apikeys", bearer: tok, body: `{"name":"k"}`,
+						header: idem(fmt.Sprintf("%s-%d", tc.owner, i))}
 				})
 				want := map[string]int{"201 ": tc.limit, "409 key_limit_reached": tc.n - tc.limit}
 				if fmt.Sprint(seen) != fmt.Sprint(want) {
