@@ -52,3 +52,31 @@ func TestRedisURLHasPasswordAgreesWithClient(t *testing.T) {
 		}
 	}
 }
+
+// FuzzRedisURLHasPassword: whatever the URL, when the client would send a
+// password (ParseRedisOptions accepts it and sets one), RedisURLHasPassword
+// says so: a configuration check built on it cannot be fooled into letting
+// a literal password through.
+func FuzzRedisURLHasPassword(f *testing.F) {
+	for _, s := range []string{
+		"redis://:secret@127.0.0.1/0?client_name={x}",
+		"redis+sentinel://user@x:secret@127.0.0.1/m",
+		"redis+sentinel://a@b:c@d@127.0.0.1:26379,127.0.0.2/m/0?sentinel_password=p",
+		"rediss://u:p@h:6380/1?pool_size=3",
+		"REDIS+SENTINEL://u:p@h/m",
+		"redis://u%3Ap@h",
+		"redis://h?x=@y:z",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		has, herr := RedisURLHasPassword(raw)
+		uo, err := ParseRedisOptions(RedisOptions{URLs: []string{raw}})
+		if err != nil {
+			return
+		}
+		if (uo.Password != "" || uo.SentinelPassword != "") && (herr != nil || !has) {
+			t.Fatalf("%q: the client has a password, RedisURLHasPassword = %v, %v", raw, has, herr)
+		}
+	})
+}
