@@ -150,13 +150,7 @@ func rebuildLive(tx *bolt.Tx, now time.Time) error {
 // CreateLimited implements [Store.CreateLimited] in one transaction: prune
 // the owner's ended entries, compare the count with limit, store.
 func (s *BoltStore) CreateLimited(_ context.Context, k *Key, limit int, now time.Time) error {
-	if err := validateKey(k); err != nil {
-		return err
-	}
-	if err := checkLiveLimit(limit); err != nil {
-		return err
-	}
-	record, err := encodeKey(k)
+	record, err := checkCreate(k, limit)
 	if err != nil {
 		return err
 	}

@@ -343,13 +343,7 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 // that is safe to interrupt (see the file comment), then the confirmation
 // of its place.
 func (s *RedisStore) CreateLimited(ctx context.Context, k *Key, limit int, now time.Time) error {
-	if err := validateKey(k); err != nil {
-		return err
-	}
-	if err := checkLiveLimit(limit); err != nil {
-		return err
-	}
-	record, err := encodeKey(k)
+	record, err := checkCreate(k, limit)
 	if err != nil {
 		return err
 	}
