@@ -286,7 +286,19 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, cla
 	}
 
 	// The holder went away without finishing: take the record over and
-	// finish the very same key.
+	// finish the very same key, unless it was stored and has changed since
+	// (it was listed, so it may have been revoked): then it is a replay of
+	// a key that no longer validates as announced.
+	switch k, err := h.store.Get(ctx, op.key.ID); {
+	case errors.Is(err, keystore.ErrNotFound): // not stored yet
+	case err != nil:
+		h.logger.Error("loading the key of an abandoned idempotent request failed", zap.Error(err))
+		return writeError(w, errStoreUnavailable)
+	default:
+		if aerr := h.asAnnounced(k, op.key); aerr != nil {
+			return writeError(w, aerr)
+		}
+	}
 	token, err := randomToken()
 	if err != nil {
 		return err
@@ -306,9 +318,8 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, cla
 }
 
 // replayable loads the key a stored response announced and checks that it
-// still validates as the response says: not revoked, expired or rotated,
-// with the same scopes and expiry. Otherwise the raw key is not shown
-// again.
+// still validates as the response says (see asAnnounced). Otherwise the raw
+// key is not shown again.
 func (h *Handler) replayable(ctx context.Context, announced *keystore.Key) (*keystore.Key, *apiError) {
 	k, err := h.store.Get(ctx, announced.ID)
 	switch {
@@ -317,19 +328,27 @@ func (h *Handler) replayable(ctx context.Context, announced *keystore.Key) (*key
 	case err != nil:
 		h.logger.Error("loading the key of an idempotent replay failed", zap.Error(err))
 		return nil, errStoreUnavailable
-	case k.Owner != announced.Owner:
-		// (Not the digest: a key minted under a previous secret has
-		// that secret's digest.)
-		return nil, replayUnavailable(announced.ID, "deleted")
+	}
+	return k, h.asAnnounced(k, announced)
+}
+
+// asAnnounced checks that the stored key k is the announced one and still
+// validates as announced: not revoked, expired or rotated, with the same
+// scopes and expiry.
+func (h *Handler) asAnnounced(k, announced *keystore.Key) *apiError {
+	if k.Owner != announced.Owner {
+		// (Not the digest: a key minted under a previous secret has that
+		// secret's digest.)
+		return replayUnavailable(announced.ID, "deleted")
 	}
 	if st := k.Status(h.now()); st != keystore.StatusActive {
-		return nil, replayUnavailable(k.ID, st)
+		return replayUnavailable(k.ID, st)
 	}
 	if !slices.Equal(k.Scopes, announced.Scopes) || (k.Scopes == nil) != (announced.Scopes == nil) ||
 		!sameTime(k.ExpiresAt, announced.ExpiresAt) {
-		return nil, replayUnavailable(k.ID, "changed")
+		return replayUnavailable(k.ID, "changed")
 	}
-	return k, nil
+	return nil
 }
 
 // replayUnavailable is the answer to a replay whose key no longer

@@ -329,6 +329,20 @@ func TestReplayIntegrity(t *testing.T) {
 				refused("rotation replay after its key was revoked", post(admin, "/v1/apikeys/"+patched.KeyID+"/rotate", "rot-2", ""), 409, "idempotency_replay_unavailable")
 			})
 
+			t.Run("no takeover of a key that changed", func(t *testing.T) {
+				// A request that died after storing its key leaves a pending
+				// record; the key is listed, and revoked, before a retry
+				// takes the record over.
+				body := `{"name":"ci","scopes":["analytics:read"],"expires_in_days":30}`
+				_, sealed := sealedPending(t, g.store, "acme", "abandoned-1", body, true)
+				var announced struct{ Data createdKey }
+				_ = json.Unmarshal(sealed, &announced)
+				if r := g.do(request{method: "DELETE", path: "/v1/apikeys/" + announced.Data.KeyID, bearer: admin}); r.status != 200 {
+					t.Fatalf("revoke: %d %s", r.status, r.body)
+				}
+				refused("takeover after revoke", post(admin, "/v1/apikeys", "abandoned-1", body), 409, "idempotency_replay_unavailable")
+			})
+
 			t.Run("fingerprint is the meaning", func(t *testing.T) {
 				first := post(admin, "/v1/apikeys", "meaning-1", `{"name":"ci","scopes":["analytics:read"],"expires_in_days":30}`)
 				if first.status != 201 {
