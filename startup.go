@@ -92,6 +92,10 @@ type unavailableStore struct{ err error }
 var _ keystore.Store = unavailableStore{}
 
 func (s unavailableStore) Create(context.Context, *keystore.Key) error { return s.err }
+func (s unavailableStore) CreateLimited(context.Context, *keystore.Key, int, time.Time) error {
+	return s.err
+}
+func (s unavailableStore) CountLive(context.Context, string, time.Time) (int, error) { return 0, s.err }
 func (s unavailableStore) ByDigest(context.Context, keystore.Digest) (*keystore.Key, error) {
 	return nil, s.err
 }

@@ -15,7 +15,8 @@ var aclRules = strings.Fields(`on >acl-test-password resetkeys ~apikeys:* resetc
 	+hello +ping +get +set +del +zadd +zrange
 	+eval +evalsha +watch +unwatch +multi +exec +wait
 	+zrem +zcard +pexpireat +pttl +persist +pexpire
-	+mget +publish +subscribe +unsubscribe`)
+	+mget +publish +subscribe +unsubscribe
+	+exists +zscore +zcount +zremrangebyscore`)
 
 // aclClusterRules are added on a Redis Cluster.
 var aclClusterRules = []string{"+cluster|slots", "+command"}
