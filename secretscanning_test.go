@@ -15,11 +15,15 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
@@ -267,5 +271,294 @@ func waitLogs(g *gateway, marker string, n int) string {
 			return logs
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestSecretScanningRefusesUnsigned: without GitHub's valid signature a
+// report is 401 and changes nothing; API keys and dashboard sessions are
+// no credential here; the endpoint takes POST only and bounds its input.
+func TestSecretScanningRefusesUnsigned(t *testing.T) {
+	gh, forger := newGHSigner(t), newGHSigner(t)
+	ks := newGHKeys(t, gh)
+	g := startGateway(t, "file", secretScanningConfig(ks.URL, "revoke"))
+	k := g.create("alice", `{"name":"target"}`)
+	body := reportBody(t, ghMatch{k.Key, "caddy_apikeys", "https://github.com/x", "content"})
+	good := gh.sign(t, body)
+	other := reportBody(t, ghMatch{unknownKey(t), "caddy_apikeys", "", "content"})
+	backendBefore := g.backend.count()
+
+	for name, c := range map[string]struct {
+		id, sig string
+		extra   map[string]string
+	}{
+		"no headers":                    {"", "", nil},
+		"no signature":                  {gh.id, "", nil},
+		"no identifier":                 {"", good, nil},
+		"signed by another key":         {gh.id, forger.sign(t, body), nil},
+		"signature of another body":     {gh.id, gh.sign(t, other), nil},
+		"garbage signature":             {gh.id, "MEUCIQ==", nil},
+		"the forger's own identifier":   {forger.id, forger.sign(t, body), nil},
+		"an API key as bearer":          {"", "", map[string]string{"Authorization": "Bearer " + k.Key}},
+		"a dashboard session as bearer": {"", "", map[string]string{"Authorization": "Bearer " + dashboardToken(t, "alice")}},
+	} {
+		status, out := g.report(body, c.id, c.sig, c.extra)
+		if status != 401 || !strings.Contains(string(out), `"code":"invalid_signature"`) {
+			t.Errorf("%s: %d %s, want 401 invalid_signature", name, status, out)
+		}
+	}
+	// Tampered body under a good signature.
+	tampered := bytes.Replace(body, []byte("content"), []byte("commit!"), 1)
+	if status, _ := g.report(tampered, gh.id, good, nil); status != 401 {
+		t.Errorf("tampered body: %d, want 401", status)
+	}
+	if r := g.do(request{method: "GET", path: "/v1/x", bearer: k.Key}); r.status != 200 {
+		t.Fatalf("an unsigned report changed the key: %d", r.status)
+	}
+	if n := g.backend.count() - backendBefore - 1; n != 0 {
+		t.Errorf("the backend received %d requests for the endpoint", n)
+	}
+
+	// Other methods: 405 with Allow, whatever the credential.
+	for _, m := range []string{"GET", "PUT", "DELETE", "OPTIONS"} {
+		r := g.do(request{method: m, path: "/v1/apikeys/secret-scanning", bearer: k.Key})
+		if r.status != 405 || r.header.Get("Allow") != "POST" {
+			t.Errorf("%s: %d Allow %q, want 405 POST", m, r.status, r.header.Get("Allow"))
+		}
+	}
+	// Non-canonical spellings of the path are refused by the path policy.
+	for _, p := range []string{"/v1/apikeys//secret-scanning", "/v1/apikeys/./secret-scanning", "/v1/apikeys/secret-scanning/"} {
+		r := g.do(request{method: "POST", path: p, body: string(body), header: map[string]string{
+			"Github-Public-Key-Identifier": gh.id, "Github-Public-Key-Signature": good}})
+		if r.status == 200 {
+			t.Errorf("POST %s was answered as the endpoint", p)
+		}
+	}
+
+	// Bounds: a body over 4 MiB, more than 5000 tokens, a signed non-report.
+	huge := bytes.Repeat([]byte(" "), 4<<20+1)
+	if status, out := g.report(huge, gh.id, gh.sign(t, huge), nil); status != 413 {
+		t.Errorf("4 MiB body: %d %s, want 413", status, out)
+	}
+	many := make([]ghMatch, 5001)
+	for i := range many {
+		many[i] = ghMatch{Token: fmt.Sprintf("t%d", i)}
+	}
+	mb := reportBody(t, many...)
+	if status, out := g.report(mb, gh.id, gh.sign(t, mb), nil); status != 413 || !strings.Contains(string(out), "too_many_tokens") {
+		t.Errorf("5001 tokens: %d %s, want 413 too_many_tokens", status, out)
+	}
+	for _, bad := range []string{`{"token":"x"}`, `[{"token":""}]`, `not json`} {
+		if status, out := g.report([]byte(bad), gh.id, gh.sign(t, []byte(bad)), nil); status != 400 {
+			t.Errorf("signed %s: %d %s, want 400", bad, status, out)
+		}
+	}
+	if r := g.do(request{method: "GET", path: "/v1/x", bearer: k.Key}); r.status != 200 {
+		t.Fatalf("the key stopped validating: %d", r.status)
+	}
+	// A signed report with the key, at last, revokes it.
+	if status, out := g.report(body, gh.id, good, nil); status != 200 || !strings.Contains(string(out), "true_positive") {
+		t.Fatalf("signed report: %d %s", status, out)
+	}
+	if r := g.do(request{method: "GET", path: "/v1/x", bearer: k.Key}); r.status != 401 {
+		t.Errorf("the leaked key still validates: %d", r.status)
+	}
+}
+
+// TestSecretScanningOffUnlessConfigured: without secret_scanning the path
+// is an ordinary management path: a signed report does nothing.
+func TestSecretScanningOffUnlessConfigured(t *testing.T) {
+	gh := newGHSigner(t)
+	g := startGateway(t, "file", "")
+	k := g.create("alice", `{"name":"k"}`)
+	body := reportBody(t, ghMatch{k.Key, "caddy_apikeys", "", "content"})
+	if status, out := g.report(body, gh.id, gh.sign(t, body), nil); status != 401 || strings.Contains(string(out), "true_positive") {
+		t.Errorf("endpoint off: %d %s, want the management API's 401", status, out)
+	}
+	if r := g.do(request{method: "GET", path: "/v1/x", bearer: k.Key}); r.status != 200 {
+		t.Errorf("the key stopped validating: %d", r.status)
+	}
+}
+
+// TestSecretScanningUnknownIdentifier: a report signed with a key
+// published after the gateway loaded the list makes it reload once, and
+// verifies; more unknown identifiers do not reach the key server again
+// (rate limit). With action report, a leaked key is labelled and logged
+// but keeps working.
+func TestSecretScanningUnknownIdentifier(t *testing.T) {
+	old, rotated, never := newGHSigner(t), newGHSigner(t), newGHSigner(t)
+	ks := newGHKeys(t, old)
+	g := startGateway(t, "file", secretScanningConfig(ks.URL, "report"))
+	k := g.create("alice", `{"name":"k"}`)
+	h0 := ks.hits.Load()
+	if h0 < 1 {
+		t.Fatal("the key list was not loaded at start")
+	}
+	ks.set(old, rotated)
+	body := reportBody(t, ghMatch{k.Key, "caddy_apikeys", "https://github.com/o/r/blob/1/x", "content"})
+	status, out := g.report(body, rotated.id, rotated.sign(t, body), nil)
+	if status != 200 || !strings.Contains(string(out), `"label":"true_positive"`) {
+		t.Fatalf("report signed with a newly published key: %d %s", status, out)
+	}
+	if n := ks.hits.Load() - h0; n != 1 {
+		t.Errorf("the key server was asked %d times for one unknown identifier, want 1", n)
+	}
+	for range 10 {
+		if status, _ := g.report(body, never.id, never.sign(t, body), nil); status != 401 {
+			t.Fatalf("an unpublished key: %d, want 401", status)
+		}
+	}
+	if n := ks.hits.Load() - h0; n != 1 {
+		t.Errorf("10 more unknown identifiers reached the key server %d times in all, want 1 (rate limit)", n-1)
+	}
+	// action report: logged and emitted, not revoked.
+	if r := g.do(request{method: "GET", path: "/v1/x", bearer: k.Key}); r.status != 200 {
+		t.Errorf("action report revoked the key: %d", r.status)
+	}
+	logs := waitLogs(g, `"name":"apikeys.leaked"`, 1)
+	if !strings.Contains(logs, `"action":"report"`) {
+		t.Errorf("the leak was not logged with action report:\n%s", logs)
+	}
+}
+
+// TestSecretScanningRefresh: the background refresh alone picks up a
+// rotated key list: a new key starts verifying, a dropped one stops.
+func TestSecretScanningRefresh(t *testing.T) {
+	old, next := newGHSigner(t), newGHSigner(t)
+	ks := newGHKeys(t, old)
+	g := startGateway(t, "file", "secret_scanning {\n\t\t\tpublic_keys "+ks.URL+"\n\t\t\trefresh 100ms\n\t\t}")
+	body := reportBody(t, ghMatch{unknownKey(t), "caddy_apikeys", "", "content"})
+	// Spend the reload an unknown identifier may trigger.
+	if status, _ := g.report(body, next.id, next.sign(t, body), nil); status != 401 {
+		t.Fatalf("unpublished key: %d, want 401", status)
+	}
+	ks.set(next)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		status, out := g.report(body, next.id, next.sign(t, body), nil)
+		if status == 200 {
+			if !strings.Contains(string(out), "false_positive") {
+				t.Errorf("an unknown token: %s", out)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the background refresh never loaded the new key: %d %s", status, out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if status, _ := g.report(body, old.id, old.sign(t, body), nil); status != 401 {
+		t.Errorf("a key dropped from the list still verifies: %d", status)
+	}
+}
+
+// TestSecretScanningThousandTokens: one report of 1,000 tokens, 200 of them
+// keys of the gateway (of 20 owners), is answered in full and revokes
+// exactly those 200.
+func TestSecretScanningThousandTokens(t *testing.T) {
+	gh := newGHSigner(t)
+	hasher, err := keystore.NewHasher([]byte(testSecret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			ks := newGHKeys(t, gh)
+			g := startGateway(t, kind, secretScanningConfig(ks.URL, "revoke"))
+			ctx, cancel := testCtx()
+			defer cancel()
+			ms := make([]ghMatch, 1000)
+			real := map[string]string{} // raw key -> key ID
+			for i := range ms {
+				raw := unknownKey(t)
+				ms[i] = ghMatch{raw, "caddy_apikeys", fmt.Sprintf("https://github.com/o/r/blob/1/f%d", i), "content"}
+				if i%5 != 0 {
+					continue
+				}
+				id, _ := keystore.NewKeyID()
+				k := &keystore.Key{ID: id, Owner: fmt.Sprintf("owner-%d", i%20), Name: "bulk", Prefix: keystore.DisplayPrefix("wbk_", raw),
+					Digest: hasher.Digest(raw), CreatedAt: time.Now().UTC().Truncate(time.Millisecond)}
+				if err := g.store.Create(ctx, k); err != nil {
+					t.Fatal(err)
+				}
+				real[raw] = id
+			}
+			body := reportBody(t, ms...)
+			start := time.Now()
+			status, out := g.report(body, gh.id, gh.sign(t, body), nil)
+			if status != 200 {
+				t.Fatalf("1000-token report: %d %s", status, truncate(string(out), 300))
+			}
+			t.Logf("%s: 1000 tokens (%d keys) answered in %v", kind, len(real), time.Since(start))
+			var fb []ghFeedback
+			if err := json.Unmarshal(out, &fb); err != nil || len(fb) != 1000 {
+				t.Fatalf("feedback: %v, %d elements", err, len(fb))
+			}
+			positives := 0
+			for i, f := range fb {
+				_, isKey := real[ms[i].Token]
+				want := map[bool]string{true: "true_positive", false: "false_positive"}[isKey]
+				if f.Label != want || f.TokenHash != sha256Hex(ms[i].Token) {
+					t.Fatalf("feedback %d: %+v, want %s", i, f, want)
+				}
+				if isKey {
+					positives++
+				}
+			}
+			if positives != 200 {
+				t.Errorf("%d true positives, want 200", positives)
+			}
+			for raw, id := range real {
+				k, err := g.store.Get(ctx, id)
+				if err != nil || k.RevokedAt == nil {
+					t.Fatalf("key %s after the report: %v, revoked %v", id, err, k != nil && k.RevokedAt != nil)
+				}
+				_ = raw
+			}
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: ms[0].Token}); r.status != 401 {
+				t.Errorf("a reported key still validates: %d", r.status)
+			}
+		})
+	}
+}
+
+// TestSecretScanningConfig: disable is refused until keys can be disabled;
+// bad actions, options and sources are refused with what to do instead.
+func TestSecretScanningConfig(t *testing.T) {
+	for _, c := range []struct{ block, want string }{
+		{"secret_scanning {\n public_keys https://api.github.com/meta/public_keys/secret_scanning\n action disable\n}", "needs key disable support"},
+		{"secret_scanning {\n public_keys https://x\n action delete\n}", "must be revoke or report"},
+		{"secret_scanning {\n action revoke\n}", "needs public_keys"},
+		{"secret_scanning {\n public_keys https://x\n nope 1\n}", `unrecognized secret_scanning option "nope"`},
+		{"secret_scanning https://x https://y", "wrong argument count"},
+	} {
+		h := new(Handler)
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("apikeys {\n" + c.block + "\n}"))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: %v, want %q", c.block, err, c.want)
+		}
+	}
+	// Provision-time checks, through a real Caddy load.
+	for _, c := range []struct{ src, want string }{
+		{"http://example.com/keys", "must use https"},
+		{filepath.Join(t.TempDir(), "missing.pem"), "reading the key file"},
+	} {
+		cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+}
+http://127.0.0.1:%d {
+	apikeys {
+		store file %s
+		secret_scanning %s
+	}
+}`, freePort(t), filepath.Join(t.TempDir(), "keys.db"), c.src)
+		if err := loadCaddyfileErr(t, cfg); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("public_keys %s: %v, want %q", c.src, err, c.want)
+		}
+	}
+	// The JSON form is checked at provision too.
+	h := &Handler{SecretScanning: &SecretScanning{PublicKeys: "https://x", Action: "disable"}}
+	if err := h.provisionSecretScanning(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "needs key disable support") {
+		t.Errorf("action disable in JSON: %v", err)
 	}
 }
