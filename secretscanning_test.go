@@ -24,6 +24,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/getkin/kin-openapi/openapi3"
+	"github.com/getkin/kin-openapi/routers/gorillamux"
 
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
@@ -560,5 +562,58 @@ http://127.0.0.1:%d {
 	h := &Handler{SecretScanning: &SecretScanning{PublicKeys: "https://x", Action: "disable"}}
 	if err := h.provisionSecretScanning(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "needs key disable support") {
 		t.Errorf("action disable in JSON: %v", err)
+	}
+}
+
+// TestSecretScanningOpenAPI validates the endpoint's real answers against
+// openapi.yaml.
+func TestSecretScanningOpenAPI(t *testing.T) {
+	doc, err := openapi3.NewLoader().LoadFromFile("openapi.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gh := newGHSigner(t)
+	ks := newGHKeys(t, gh)
+	g := startGateway(t, "redis", secretScanningConfig(ks.URL, "revoke"))
+	doc.Servers = openapi3.Servers{{URL: g.base}}
+	router, err := gorillamux.NewRouter(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := g.create("alice", `{"name":"leaked"}`)
+	body := reportBody(t, ghMatch{k.Key, "caddy_apikeys", "https://github.com/x", "content"}, ghMatch{"nope", "caddy_apikeys", "", "commit"})
+	many := make([]ghMatch, 5001)
+	for i := range many {
+		many[i] = ghMatch{Token: "t"}
+	}
+	mb := reportBody(t, many...)
+	statuses := map[int]bool{}
+	for _, c := range []struct {
+		body []byte
+		sig  string
+	}{
+		{body, gh.sign(t, body)},
+		{body, "MEUCIQ=="},
+		{[]byte(`{}`), gh.sign(t, []byte(`{}`))},
+		{mb, gh.sign(t, mb)},
+	} {
+		status, out := g.report(c.body, gh.id, c.sig, nil)
+		statuses[status] = true
+		req := request{method: "POST", path: "/v1/apikeys/secret-scanning", body: string(c.body)}
+		validateAgainst(t, router, g.base, req, &response{status: status,
+			header: http.Header{"Content-Type": {"application/json"}, "Cache-Control": {"no-store"}}, body: out})
+	}
+	r := g.do(request{method: "GET", path: "/v1/apikeys/secret-scanning"})
+	validateAgainst(t, router, g.base, request{method: "GET", path: "/v1/apikeys/secret-scanning"}, r)
+	g.redis.Stop()
+	body = reportBody(t, ghMatch{unknownKey(t), "caddy_apikeys", "", "content"})
+	status, out := g.report(body, gh.id, gh.sign(t, body), nil)
+	statuses[status] = true
+	validateAgainst(t, router, g.base, request{method: "POST", path: "/v1/apikeys/secret-scanning", body: string(body)},
+		&response{status: status, header: http.Header{"Content-Type": {"application/json"}, "Retry-After": {"2"}}, body: out})
+	for _, want := range []int{200, 400, 401, 413, 503} {
+		if !statuses[want] {
+			t.Errorf("no %d seen", want)
+		}
 	}
 }
