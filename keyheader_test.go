@@ -1,11 +1,20 @@
 package apikeys
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // TestKeyHeader: with key_header, the key is also accepted from that
@@ -119,5 +128,45 @@ func TestKeyHeaderValidation(t *testing.T) {
 	}
 	if h.KeyHeader != "X-Api-Key" || !h.isProtected("X_API_KEY") {
 		t.Errorf("key_header %q is not canonical or not protected (%v)", h.KeyHeader, h.protected)
+	}
+}
+
+// TestKeyHeaderHitAllocs: a cached key presented in key_header costs the
+// guard one allocation, as with Authorization (BenchmarkGuardHit), and
+// Authorization-only requests on a handler with key_header stay at one.
+func TestKeyHeaderHitAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts differ under the race detector")
+	}
+	h := &Handler{Store: &StoreConfig{Path: filepath.Join(t.TempDir(), "keys.db")}, Secret: "{env.APIKEYS_TEST_SECRET}", KeyHeader: "X-API-Key"}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := h.provision(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	defer h.Cleanup()
+	// Caddy's default level: Info (the guard logs its decisions at Debug).
+	h.logger = zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zapcore.InfoLevel))
+	key := benchKey(t, h, nil)
+	br := newBenchRequest(t, "/v1/anything", key)
+	w := &nopWriter{h: http.Header{}}
+	viaHeader := []string{key}
+	for name, reset := range map[string]func() *http.Request{
+		"key header":    func() *http.Request { br.r.Header["X-Api-Key"] = viaHeader; return br.r },
+		"authorization": br.reset,
+	} {
+		passed := false
+		next := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { passed = true; return nil })
+		if err := h.ServeHTTP(w, reset(), next); err != nil || !passed {
+			t.Fatalf("%s: the guard refused the key: %v %v", name, err, w.h)
+		}
+		allocs := testing.AllocsPerRun(200, func() {
+			if err := h.ServeHTTP(w, reset(), nextOK); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if allocs > 1 {
+			t.Errorf("%s: %.1f allocations per hit, want 1", name, allocs)
+		}
 	}
 }
