@@ -235,21 +235,50 @@ func TestSecretScanningRevokesLeakedKeys(t *testing.T) {
 				t.Fatalf("repeated report: %d %s", status, out)
 			}
 
-			logs := waitLogs(g, `"name":"apikeys.leaked"`, 3)
-			for _, line := range strings.Split(logs, "\n") {
-				if strings.Contains(line, `"msg":"api key leaked"`) && !strings.Contains(line, `"key_id":"key_`) {
-					t.Errorf("leak log line without key_id: %s", line)
+			stopCaddy(t) // flushes the logs
+			logs := string(g.readLogs())
+			var leakLines, leaked, revoked []map[string]any
+			for _, l := range strings.Split(logs, "\n") {
+				var m map[string]any
+				if json.Unmarshal([]byte(l), &m) != nil {
+					continue
+				}
+				switch {
+				case m["msg"] == "api key leaked" && m["level"] == "info":
+					leakLines = append(leakLines, m)
+				case m["msg"] == "event" && m["name"] == "apikeys.leaked":
+					leaked = append(leaked, m["data"].(map[string]any))
+				case m["msg"] == "event" && m["name"] == "apikeys.revoked":
+					revoked = append(revoked, m["data"].(map[string]any))
 				}
 			}
-			var sawEvent bool
-			for _, line := range strings.Split(logs, "\n") {
-				if strings.Contains(line, `"name":"apikeys.leaked"`) && strings.Contains(line, alice.KeyID) &&
-					strings.Contains(line, `"owner":"alice"`) && strings.Contains(line, url) {
-					sawEvent = true
+			// Two reports naming two keys (alice's twice): one event per
+			// key per report; each key revoked once.
+			if len(leakLines) != 4 || len(leaked) != 4 || len(revoked) != 2 {
+				t.Fatalf("%d leak log lines, %d apikeys.leaked and %d apikeys.revoked events, want 4, 4, 2:\n%s", len(leakLines), len(leaked), len(revoked), logs)
+			}
+			owners := map[string]string{alice.KeyID: "alice", bob.KeyID: "bob"}
+			for i, d := range leaked {
+				id, _ := d["key_id"].(string)
+				if owners[id] == "" || d["owner"] != owners[id] || leakLines[i]["key_id"] != id || leakLines[i]["owner"] != owners[id] {
+					t.Errorf("leak %d: event %v, log %v", i, d, leakLines[i])
+				}
+				wantURL := map[string]string{alice.KeyID: url, bob.KeyID: ""}[id]
+				if d["url"] != wantURL || leakLines[i]["url"] != wantURL {
+					t.Errorf("leak %d of %s: url %v, want %q", i, id, d["url"], wantURL)
+				}
+				wantAction := "revoke"
+				if i >= 2 {
+					wantAction = "none (already revoked)"
+				}
+				if d["action"] != wantAction {
+					t.Errorf("leak %d: action %v, want %s", i, d["action"], wantAction)
 				}
 			}
-			if !sawEvent {
-				t.Errorf("no apikeys.leaked event with key_id, owner and url:\n%s", logs)
+			for _, d := range revoked {
+				if d["reason"] != "leaked" {
+					t.Errorf("revoked event without reason leaked: %v", d)
+				}
 			}
 			for _, raw := range []string{alice.Key, bob.Key, stranger, typo} {
 				if strings.Contains(logs, raw) {
