@@ -665,6 +665,52 @@ func TestEdgeIssue9(t *testing.T) {
 		}
 	})
 
+	t.Run("method overrides", func(t *testing.T) {
+		// Backends that honour these run the named method: the key must be
+		// allowed that method too.
+		refused := [][]string{
+			{"X-HTTP-Method-Override: DELETE"},
+			{"X-HTTP-Method: post"},
+			{"X-Method-Override: GET, DELETE"},
+			{"X-HTTP-Method-Override: GET", "X-HTTP-Method-Override: PUT"},
+		}
+		for _, hdr := range refused {
+			if resp := sendRaw(t, g.mux, getRaw("GET", "/v1/analytics/daily", g.analytics, hdr...)); resp.status != 403 {
+				t.Errorf("GET /v1/analytics/daily with %q: %d, want 403", hdr, resp.status)
+			}
+		}
+		for _, target := range []string{"/v1/analytics/daily?_method=DELETE", "/v1/analytics/daily?a=1&_method=patch"} {
+			if resp := sendRaw(t, g.mux, getRaw("GET", target, g.analytics)); resp.status != 403 {
+				t.Errorf("GET %s: %d, want 403", target, resp.status)
+			}
+		}
+		// Overrides the key is allowed pass: GET for the analytics key, any
+		// method for webhooks (its rule names none).
+		if resp := sendRaw(t, g.mux, getRaw("GET", "/v1/analytics/daily?_method=GET", g.analytics, "X-HTTP-Method-Override: get")); resp.status != 200 {
+			t.Errorf("an override to GET with the analytics key: %d, want 200", resp.status)
+		}
+		if resp := sendRaw(t, g.mux, getRaw("POST", "/v1/webhooks/1", g.webhooks, "X-HTTP-Method-Override: DELETE", "Content-Length: 0")); resp.status != 200 {
+			t.Errorf("an override to DELETE with the webhooks key: %d, want 200", resp.status)
+		}
+	})
+
+	t.Run("path override headers", func(t *testing.T) {
+		resp := sendRaw(t, g.raw, getRaw("GET", "/v1/analytics/daily", g.analytics,
+			"X-Original-URL: /v1/webhooks/1", "X-Rewrite-URL: /v1/webhooks/1", "x-original-url: /v1/billing/1"))
+		if resp.status != 200 {
+			t.Fatalf("status %d", resp.status)
+		}
+		var seen rawSeen
+		if err := json.Unmarshal(resp.body, &seen); err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range []string{"X-Original-URL", "X-Rewrite-URL"} {
+			if v := seen.header(name); len(v) != 0 {
+				t.Errorf("the backend received %s %q", name, v)
+			}
+		}
+	})
+
 	t.Run("case", func(t *testing.T) {
 		// A path that matches a rule only when case is ignored matches
 		// none: a full-access key is needed.

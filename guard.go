@@ -191,7 +191,9 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 //     would carry later requests past it;
 //   - trailers declared (Trailer header) under a protected name are refused
 //     with 400 forbidden_trailer; undeclared ones are dropped at the end of
-//     the body by trailerScrubber.
+//     the body by trailerScrubber;
+//   - X-Original-URL and X-Rewrite-URL, which some backends route on in
+//     place of the request line, are removed.
 //
 // Names are compared as stripIdentityHeaders does: without case, with '_'
 // and '.' read as '-'.
@@ -216,6 +218,11 @@ func (h *Handler) hopByHopHygiene(r *http.Request) *apiError {
 		delete(hdr, "Upgrade")
 		delete(hdr, "Http2-Settings")
 	}
+	// Headers that IIS's URL Rewrite, Symfony and Laravel read as the
+	// request's path in place of the request line: only a proxy in front
+	// may set them, never a client.
+	delete(hdr, "X-Original-Url")
+	delete(hdr, "X-Rewrite-Url")
 	for name := range r.Trailer {
 		if h.isProtected(name) {
 			return &apiError{status: http.StatusBadRequest, code: "forbidden_trailer",
@@ -356,19 +363,60 @@ func sameHeaderLoosely(a, b string) bool {
 // needed).
 //
 // Rules match the decoded path, which ServeHTTP has checked is canonical,
-// so every common backend routes it to the same handler. Where the site
-// allows encoded slashes, a path holding one is read two ways (the encoded
-// slash as a separator, and kept inside its segment), and the key must be
-// allowed under both readings.
+// so every common backend routes it to the same handler. A request can
+// still be read more than one way, and the key must be allowed under every
+// reading:
+//
+//   - where the site allows encoded slashes, a path holding one is read
+//     with the encoded slash as a separator and with it kept inside its
+//     segment;
+//   - a method named in X-HTTP-Method-Override, X-HTTP-Method,
+//     X-Method-Override or a `_method` query parameter is the method to
+//     backends that honour them (Express's method-override, Rails, Laravel,
+//     Symfony), so the key must be allowed that method too.
 func (h *Handler) allowed(key *keystore.CachedKey, r *http.Request) (required []string, ok bool) {
 	if key.FullAccess() {
 		return nil, true
 	}
-	required, ok = h.allowedPath(key, r.Method, r.URL.Path, nil)
-	if ok && h.AllowEncodedSlashes {
-		if view, split := requesttarget.SplitView(r.URL.EscapedPath()); split {
-			required, ok = h.allowedPath(key, r.Method, view, nil)
+	var split string
+	hasSplit := false
+	if h.AllowEncodedSlashes {
+		split, hasSplit = requesttarget.SplitView(r.URL.EscapedPath())
+	}
+	if required, ok = h.allowedMethod(key, r.Method, r.URL.Path, split, hasSplit); !ok {
+		return required, false
+	}
+	for _, name := range methodOverrideHeaders {
+		for _, v := range r.Header[name] {
+			for tok := range strings.SplitSeq(v, ",") {
+				m := strings.ToUpper(textproto.TrimString(tok))
+				if required, ok = h.allowedMethod(key, m, r.URL.Path, split, hasSplit); !ok {
+					return required, false
+				}
+			}
 		}
+	}
+	if q := r.URL.RawQuery; q != "" && strings.Contains(q, "_method") {
+		for _, v := range r.URL.Query()["_method"] {
+			m := strings.ToUpper(strings.TrimSpace(v))
+			if required, ok = h.allowedMethod(key, m, r.URL.Path, split, hasSplit); !ok {
+				return required, false
+			}
+		}
+	}
+	return nil, true
+}
+
+// methodOverrideHeaders are the request headers that backends read as the
+// request's method (canonical names).
+var methodOverrideHeaders = [...]string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+
+// allowedMethod applies the scope rules to method on the decoded path and,
+// when hasSplit, on the reading that keeps encoded slashes in their segment.
+func (h *Handler) allowedMethod(key *keystore.CachedKey, method, decoded, split string, hasSplit bool) ([]string, bool) {
+	required, ok := h.allowedPath(key, method, decoded, nil)
+	if ok && hasSplit {
+		required, ok = h.allowedPath(key, method, split, nil)
 	}
 	return required, ok
 }

@@ -71,6 +71,10 @@ func TestOpenAPIMatchesResponses(t *testing.T) {
 			check(request{method: "GET", path: "/v1/apikeys?limit=0", bearer: alice})
 			check(request{method: "GET", path: "/v1/apikeys/" + k.KeyID, bearer: alice})
 			check(request{method: "GET", path: "/v1/apikeys/" + k.KeyID, bearer: dashboardToken(t, "bob")})
+			// A path that is not canonical: refused before routing.
+			if resp := check(request{method: "GET", path: "/v1/apikeys/%2e%2e", bearer: alice}); resp.errCode() != "non_canonical_path" {
+				t.Errorf("GET /v1/apikeys/%%2e%%2e: %d %q, want non_canonical_path", resp.status, resp.errCode())
+			}
 			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"renamed","scopes":null}`})
 			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{}`})
 			rot := check(request{method: "POST", path: "/v1/apikeys/" + full.KeyID + "/rotate", bearer: alice, body: `{"grace_period_seconds":60}`})
