@@ -78,6 +78,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			outage_window <duration>
 //			pubsub off
 //		}
+//		key_header <header>
+//		secret_scanning [<public_keys>] {
+//			public_keys <url|file>
+//			action revoke|report
+//			refresh <duration>
+//		}
 //	}
 //
 // Secrets (`secret`, the dashboard_jwt `secret`) must be placeholders such
@@ -201,6 +207,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "cache":
 			if err := h.unmarshalCache(d); err != nil {
+				return err
+			}
+		case "key_header":
+			if err := singleArg(d, &h.KeyHeader); err != nil {
+				return err
+			}
+		case "secret_scanning":
+			if err := h.unmarshalSecretScanning(d); err != nil {
 				return err
 			}
 		default:

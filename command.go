@@ -27,7 +27,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "apikeys",
-		Usage: "<create|list|revoke|rotate|dev-token|backup|restore> --config <path> [flags]",
+		Usage: "<create|list|find|get|revoke|rotate|dev-token|backup|restore> --config <path> [flags]",
 		Short: "Manage API keys of the apikeys handler from the command line",
 		Long: `
 Tools for operators of the apikeys handler. Each command reads the config (a
@@ -37,7 +37,9 @@ environment (and --envfile), and works on the configured store directly.
 
   create     mint a key for --owner; prints it (the only time it is shown)
   list       an owner's keys, newest first
-  revoke     revoke a key by ID
+  find       the keys a whole key or its display prefix names
+  get        one key by ID, with its owner
+  revoke     revoke a key by ID, or --owner <id> --all (offboarding)
   rotate     replace a key, keeping the old one working for --grace
   dev-token  print a dashboard JWT for trying the management API locally
   backup     write a consistent copy of the file store, also while Caddy runs
@@ -105,12 +107,14 @@ development: in production the dashboard issues tokens.
 	list.Flags().Bool("json", false, "Print JSON lines instead of a table")
 
 	revoke := &cobra.Command{
-		Use:   "revoke <key_id>",
-		Short: "Revoke a key",
-		Args:  cobra.ExactArgs(1),
+		Use:   "revoke <key_id> | revoke --owner <id> --all",
+		Short: "Revoke a key, or every key of an owner",
+		Args:  cobra.MaximumNArgs(1),
 		RunE:  runRevoke,
 	}
 	configFlags(revoke)
+	revoke.Flags().String("owner", "", "With --all: the owner whose keys to revoke")
+	revoke.Flags().Bool("all", false, "Revoke every key of --owner that still validates, and report how many")
 
 	rotate := &cobra.Command{
 		Use:   "rotate <key_id> [--grace 24h]",
@@ -123,6 +127,7 @@ development: in production the dashboard issues tokens.
 
 	cmd.AddCommand(dev, create, list, revoke, rotate)
 	addBackupCommands(cmd, configFlags)
+	addOperatorCommands(cmd, configFlags)
 }
 
 // openFromConfig loads the config and sets up its first apikeys handler's
@@ -269,6 +274,16 @@ func fmtTime(t *time.Time) string {
 }
 
 func runRevoke(cmd *cobra.Command, args []string) error {
+	owner, _ := cmd.Flags().GetString("owner")
+	all, _ := cmd.Flags().GetBool("all")
+	switch {
+	case all && (owner == "" || len(args) > 0):
+		return errors.New("--all revokes every key of --owner: give --owner and no key ID")
+	case all:
+		return runRevokeAll(cmd, owner)
+	case len(args) != 1 || owner != "":
+		return errors.New("give one key ID, or --owner <id> --all")
+	}
 	h, closeStore, err := openFromConfig(cmd)
 	if err != nil {
 		return err

@@ -75,10 +75,19 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		validationBadRequest.Inc()
 		return writeError(w, err)
 	}
-	token, ok := bearerToken(r)
+	token, ok, err := h.requestKey(r)
+	if err != nil {
+		validationBadRequest.Inc()
+		return writeError(w, &apiError{status: http.StatusBadRequest, code: "ambiguous_credentials",
+			message: "Send the API key in one header: Authorization or " + h.KeyHeader + ", not both."})
+	}
 	if !ok {
 		validationNoKey.Inc()
-		return h.unauthorized(w, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.")
+		msg := "Send an API key as `Authorization: Bearer <key>`."
+		if h.KeyHeader != "" {
+			msg = "Send an API key as `Authorization: Bearer <key>` or in the " + h.KeyHeader + " header."
+		}
+		return h.unauthorized(w, "unauthorized", msg)
 	}
 	if len(token) != keystore.KeyLen(h.KeyPrefix) || !strings.HasPrefix(token, h.KeyPrefix) {
 		// Not an API key (a JWT, say) or truncated.
@@ -141,6 +150,9 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	// headers' names are canonical (see applyDefaults).
 	hdr := r.Header
 	delete(hdr, "Authorization") // keys of a parsed request are canonical
+	if h.KeyHeader != "" {
+		delete(hdr, h.KeyHeader) // canonical (see applyDefaults)
+	}
 	ids := h.IdentityHeaders
 	// One allocation for the three values; each header gets a slice of
 	// its own capacity, so an append to one cannot touch another.

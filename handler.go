@@ -33,6 +33,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			message: "The request path is not in canonical form: " + err.Error() + "."})
 	}
 	if h.isManagementPath(r.URL.Path) {
+		if h.isSecretScanningPath(r.URL.Path) {
+			return h.serveSecretScanning(w, r)
+		}
 		return h.serveManagement(w, r)
 	}
 	return h.guard(w, r, next)

@@ -68,6 +68,9 @@ type listResponse struct {
 // keys newest first.
 func (h *Handler) serveList(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims) error {
 	q := r.URL.Query()
+	if q.Has("prefix") {
+		return h.serveFindPrefix(w, r, claims) // findkeys.go
+	}
 	limit := DefaultListLimit
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)

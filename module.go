@@ -142,6 +142,19 @@ type Handler struct {
 	// reads. Default: on, with the defaults of CacheConfig.
 	Cache *CacheConfig `json:"cache,omitempty"`
 
+	// KeyHeader names a request header from which the guard also accepts
+	// the API key, raw (no scheme), for clients migrating from gateways
+	// that read X-API-Key. Like Authorization it is removed before the
+	// request is passed on, and no client may name it in Connection or
+	// send it as a trailer. A request with both it and Authorization is
+	// refused (400 ambiguous_credentials). Keys in query strings are never
+	// accepted: URLs end up in logs. Default: none (Authorization only).
+	KeyHeader string `json:"key_header,omitempty"`
+
+	// SecretScanning turns on the GitHub secret scanning partner endpoint
+	// at `<management_path>/secret-scanning`. Default: off.
+	SecretScanning *SecretScanning `json:"secret_scanning,omitempty"`
+
 	logger       *zap.Logger
 	store        keystore.Store
 	cache        *keystore.CachedStore // the same store, for the guard's lookups
@@ -295,7 +308,7 @@ func (h *Handler) provision(ctx caddy.Context, events *caddyevents.App) error {
 		}
 	}
 	h.usage = newUsageRecorder(h.store, time.Duration(h.LastUsedInterval), h.logger)
-	return nil
+	return h.provisionSecretScanning(ctx)
 }
 
 // provisionCore sets up what working with keys needs (defaults, scopes,
@@ -430,6 +443,10 @@ func (h *Handler) applyDefaults() {
 	h.challenge = fmt.Sprintf("Bearer realm=%q", h.Realm)
 	h.pathOpts = requesttarget.Options{AllowEncodedSlash: h.AllowEncodedSlashes}
 	h.protected = []string{"Authorization", ids.ID, ids.Owner, ids.Scopes}
+	if h.KeyHeader != "" {
+		h.KeyHeader = http.CanonicalHeaderKey(h.KeyHeader)
+		h.protected = append(h.protected, h.KeyHeader)
+	}
 }
 
 // Validate checks the configuration for mistakes.
@@ -468,6 +485,9 @@ func (h *Handler) Validate() error {
 		if http.CanonicalHeaderKey(name) == "Authorization" {
 			return errors.New("apikeys: an identity header cannot be Authorization")
 		}
+	}
+	if err := h.validateKeyHeader(); err != nil {
+		return err
 	}
 	return nil
 }

@@ -22,7 +22,7 @@ esac
 
 # package and target, one pair a line
 targets=$(
-	for pkg in . ./keystore ./requesttarget; do
+	for pkg in . ./keystore ./requesttarget ./secretscanning; do
 		go test -list '^Fuzz' "$pkg" | grep '^Fuzz' | sed "s|^|$pkg |"
 	done
 )
