@@ -183,6 +183,9 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // serveWithBody passes on a request that has a body, watching the body for
 // what only its end reveals (see bodyWatch).
 func (h *Handler) serveWithBody(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if cw, ok := w.(*closingWriter); ok {
+		cw.proxied = true
+	}
 	bw := &bodyWatch{r: r, h: h}
 	bw.body = watchedBody{ReadCloser: r.Body, bw: bw}
 	bw.w = watchedWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, bw: bw}

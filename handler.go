@@ -3,6 +3,7 @@ package apikeys
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -19,13 +20,7 @@ import (
 // backend will read.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if len(r.TransferEncoding) > 0 && r.ProtoMajor == 1 {
-		// A chunked HTTP/1.x request closes its connection after the
-		// response, whatever the answer: net/http drops a Content-Length
-		// sent beside Transfer-Encoding without closing (RFC 9112 §6.1 says
-		// the server MUST close then), and after a framing error in the
-		// chunks the rest of the connection cannot be trusted to start a
-		// request.
-		w.Header().Set("Connection", "close")
+		w = &closingWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, body: r.Body}
 	}
 	if err := h.checkPath(r); err != nil {
 		validationBadRequest.Inc()
@@ -54,6 +49,55 @@ func (h *Handler) checkPath(r *http.Request) error {
 		}
 	}
 	return requesttarget.Check(u.EscapedPath(), h.pathOpts)
+}
+
+// closingWriter is the response writer of a chunked HTTP/1.x request,
+// which closes its connection after the response, whatever the answer:
+// net/http drops a Content-Length sent beside Transfer-Encoding without
+// closing (RFC 9112 §6.1 says the server MUST close then), so a front proxy
+// that reads the other framing would disagree with Caddy on where the next
+// request starts; and after a framing error in the chunks the rest of the
+// connection cannot be trusted to start a request either.
+//
+// Asking net/http to close skips its drain of an unread body and closes at
+// once, so a client still sending could see the connection reset before it
+// reads the answer. So when the answer is the handler's own (not a proxied
+// response, while the transport may still be reading the body), up to
+// 256 KiB of the body are read and discarded first, and the connection is
+// marked to close only if that reached the body's end. A longer body is
+// left to net/http, which drains another 256 KiB and closes (gracefully)
+// if the body goes on: only a chunked body of 256 to 512 KiB that a
+// handler refused without reading keeps its connection.
+type closingWriter struct {
+	caddyhttp.ResponseWriterWrapper
+	body    io.Reader // the request body as it arrived
+	proxied bool      // the request went on: leave the body to the transport
+	wrote   bool
+}
+
+func (w *closingWriter) WriteHeader(code int) {
+	if !w.wrote {
+		w.wrote = true
+		closeAfter := true
+		if !w.proxied && w.body != nil {
+			// More than 256 KiB left: net/http closes the connection
+			// itself after its own drain, which lets a client still
+			// sending read the answer first.
+			n, _ := io.CopyN(io.Discard, w.body, 256<<10)
+			closeAfter = n < 256<<10
+		}
+		if closeAfter {
+			w.Header().Set("Connection", "close")
+		}
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *closingWriter) Write(p []byte) (int, error) {
+	if !w.wrote {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(p)
 }
 
 // isManagementPath reports whether p is the management path or below it.
