@@ -14,8 +14,9 @@ import (
 var aclRules = strings.Fields(`on >acl-test-password resetkeys ~apikeys:* resetchannels &apikeys:* -@all
 	+hello +ping +get +set +del +zadd +zrange
 	+eval +evalsha +watch +unwatch +multi +exec +wait
-	+zrem +zcard +pexpireat +pttl +persist +pexpire
-	+mget +publish +subscribe +unsubscribe`)
+	+zrem +zcard +pexpireat +persist
+	+mget +hget +hmget +hset +hdel
+	+publish +subscribe +unsubscribe`)
 
 // aclClusterRules are added on a Redis Cluster.
 var aclClusterRules = []string{"+cluster|slots", "+command"}

@@ -10,7 +10,11 @@ package keystore
 //	<ns>:id:<key ID>           string  hex digest of the key
 //	<ns>:digest:<hex digest>   string  JSON Key record
 //	<ns>:owner:<sha256 owner>  zset    index members, all scores 0 (see index.go)
-//	<ns>:used:<key ID>         string  last use, unix milliseconds (decimal)
+//	<ns>:lastused:<b>          hash    key ID -> last use, unix milliseconds
+//	                                   (decimal); b is one hex digit of the
+//	                                   ID's CRC32, 16 buckets (redis_usage.go)
+//	<ns>:used:<key ID>         string  last use as above, as written before
+//	                                   the buckets; still read, never written
 //	<ns>:idem:<record ID>      string  "<token>\n<JSON IdempotencyRecord>", with a TTL
 //
 // Create writes id, owner index, then digest record, each with NX. Only the
@@ -23,10 +27,12 @@ package keystore
 // it on the id and digest keys as it writes them; Update sets it on the
 // digest key in the same transaction as the record, then on the id and used
 // keys, and re-reads the record to repair a race with another Update.
-// RecordUsage copies the id key's TTL to the used key. Reads treat a missing
-// record as a missing key, and List removes owner-index members whose id
-// key is gone (it is written before the member, so a Create in flight always
-// has one).
+// Last-use times live in 16 bucket hashes, so that RecordUsage writes
+// thousands of them with a handful of commands; a field outlives its key
+// until List walks past the key's index member and removes both. Reads
+// treat a missing record as a missing key, and List removes owner-index
+// members whose id key is gone (it is written before the member, so a
+// Create in flight always has one).
 
 import (
 	"context"
@@ -35,7 +41,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -431,10 +436,13 @@ func (s *RedisStore) Get(ctx context.Context, id string) (*Key, error) {
 	if err != nil {
 		return nil, err
 	}
-	var recCmd, usedCmd *redis.StringCmd
+	var (
+		recCmd  *redis.StringCmd
+		usedCmd usedCmds
+	)
 	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
 		recCmd = p.Get(ctx, s.digestKey(digestHex))
-		usedCmd = p.Get(ctx, s.usedKey(id))
+		usedCmd = s.queueUsed(ctx, p, id)
 		return nil
 	})
 	data, err := recCmd.Bytes()
@@ -453,28 +461,10 @@ func (s *RedisStore) Get(ctx context.Context, id string) (*Key, error) {
 		// key (it failed with ErrConflict); the ID names no key.
 		return nil, ErrNotFound
 	}
-	if k.LastUsedAt, err = parseUsed(usedCmd); err != nil {
+	if k.LastUsedAt, err = usedCmd.time(); err != nil {
 		return nil, fmt.Errorf("keystore: redis get key (last used): %w", err)
 	}
 	return k, nil
-}
-
-// parseUsed returns the time a GET of a used key read: nil if there is
-// none (or it is not a number, which only a foreign write could cause).
-func parseUsed(cmd *redis.StringCmd) (*time.Time, error) {
-	v, err := cmd.Result()
-	if errors.Is(err, redis.Nil) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	ms, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || ms <= 0 {
-		return nil, nil
-	}
-	t := time.UnixMilli(ms).UTC()
-	return &t, nil
 }
 
 // List implements [Store.List]. It walks the owner's index backwards in
@@ -555,8 +545,11 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 	// Per-key GETs rather than MGET: on a cluster the keys live in
 	// different slots, and the pipeline sends each to its node.
 	recCmds := make([]*redis.StringCmd, len(members))
-	usedCmds := make([]*redis.StringCmd, len(members))
-	var gone []any
+	used := make([]usedCmds, len(members))
+	var (
+		gone    []any
+		goneIDs []string
+	)
 	for i, cmd := range idCmds {
 		err := cmd.Err()
 		switch {
@@ -564,6 +557,7 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 			// The id key is written before the member, so a missing one
 			// means retention deleted the key: drop the member.
 			gone = append(gone, members[i])
+			goneIDs = append(goneIDs, ids[i])
 		case err != nil:
 			return nil, fmt.Errorf("keystore: redis list keys (ids): %w", err)
 		}
@@ -572,13 +566,14 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 		for i, cmd := range idCmds {
 			if digestHex, err := cmd.Result(); err == nil {
 				recCmds[i] = p.Get(ctx, s.digestKey(digestHex))
-				usedCmds[i] = p.Get(ctx, s.usedKey(ids[i]))
+				used[i] = s.queueUsed(ctx, p, ids[i])
 			}
 		}
 		if len(gone) > 0 {
 			// Best effort: a failure leaves members that the next List
 			// skips and removes again.
 			p.ZRem(ctx, ownerKey, gone...)
+			s.queueForgetUsed(ctx, p, goneIDs)
 		}
 		return nil
 	})
@@ -601,7 +596,7 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 		if k.ID != ids[i] || k.Owner != owner {
 			continue
 		}
-		if k.LastUsedAt, err = parseUsed(usedCmds[i]); err != nil {
+		if k.LastUsedAt, err = used[i].time(); err != nil {
 			return nil, fmt.Errorf("keystore: redis list keys (last used): %w", err)
 		}
 		out[i] = k
@@ -759,13 +754,16 @@ func (s *RedisStore) syncExpiry(ctx context.Context, id, recKey string, expireAt
 			}
 		}
 
-		var recCmd, usedCmd *redis.StringCmd
+		var (
+			recCmd  *redis.StringCmd
+			usedCmd usedCmds
+		)
 		_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
 			recCmd = p.Get(ctx, recKey)
-			usedCmd = p.Get(ctx, usedKey)
+			usedCmd = s.queueUsed(ctx, p, id)
 			return nil
 		})
-		lastUsed, err := parseUsed(usedCmd)
+		lastUsed, err := usedCmd.time()
 		if err != nil {
 			return nil, err
 		}
@@ -787,105 +785,6 @@ func (s *RedisStore) syncExpiry(ctx context.Context, id, recKey string, expireAt
 		expireAt = want // another Update moved the end: follow it
 	}
 	return nil, errors.New("too much contention, try again")
-}
-
-// recordUsageScript keeps the later of the stored and the given last-use
-// time at KEYS[1] (the used key) and gives it the TTL of its id key:
-// ARGV[1] is the time in unix ms, ARGV[2] the id key's PTTL in ms (-1: no
-// expiry).
-var recordUsageScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-local n = cur and tonumber(cur)
-if not n or n < tonumber(ARGV[1]) then
-	redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
-end
-local ttl = tonumber(ARGV[2])
-if ttl < 0 then
-	redis.call('PERSIST', KEYS[1])
-else
-	redis.call('PEXPIRE', KEYS[1], math.max(ttl, 1))
-end
-return 1
-`)
-
-// RecordUsage implements [Store.RecordUsage] in two pipelines: the PTTL of
-// each ID's id key (a missing one means an unknown or deleted key, which is
-// skipped), then recordUsageScript on each used key, a single-key script
-// that keeps the maximum and copies the id key's expiry, so that the used
-// key goes when retention deletes the key.
-func (s *RedisStore) RecordUsage(ctx context.Context, used map[string]time.Time) error {
-	type usage struct {
-		id string
-		ms int64
-	}
-	batch := make([]usage, 0, len(used))
-	for id, t := range used {
-		if id != "" && !t.IsZero() && t.UnixMilli() > 0 {
-			batch = append(batch, usage{id, t.UnixMilli()})
-		}
-	}
-	if len(batch) == 0 {
-		return nil
-	}
-
-	ttlCmds := make([]*redis.DurationCmd, len(batch))
-	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for i, u := range batch {
-			ttlCmds[i] = p.PTTL(ctx, s.idKey(u.id))
-		}
-		return nil
-	})
-	type call struct {
-		key  string
-		args []any
-	}
-	var calls []call
-	for i, cmd := range ttlCmds {
-		ttl, err := cmd.Result()
-		if err != nil {
-			return fmt.Errorf("keystore: redis record usage (ttl): %w", err)
-		}
-		if ttl == -2 {
-			continue // no such key (go-redis passes PTTL's -2 and -1 through as is)
-		}
-		ms := int64(-1)
-		if ttl >= 0 {
-			ms = ttl.Milliseconds()
-		}
-		calls = append(calls, call{s.usedKey(batch[i].id), []any{batch[i].ms, ms}})
-	}
-
-	// EVALSHA, then EVAL for any node that did not have the script cached.
-	pending := calls
-	for _, useSha := range []bool{true, false} {
-		if len(pending) == 0 {
-			return nil
-		}
-		cmds := make([]*redis.Cmd, len(pending))
-		_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for i, c := range pending {
-				if useSha {
-					cmds[i] = recordUsageScript.EvalSha(ctx, p, []string{c.key}, c.args...)
-				} else {
-					cmds[i] = recordUsageScript.Eval(ctx, p, []string{c.key}, c.args...)
-				}
-			}
-			return nil
-		})
-		var retry []call
-		for i, cmd := range cmds {
-			err := cmd.Err()
-			switch {
-			case err == nil:
-			case useSha && redis.HasErrorPrefix(err, "NOSCRIPT"):
-				retry = append(retry, pending[i])
-			default:
-				return fmt.Errorf("keystore: redis record usage: %w", err)
-			}
-		}
-		pending = retry
-	}
-	return nil
 }
 
 // CountOwner implements [Store.CountOwner] with ZCARD of the owner index,
