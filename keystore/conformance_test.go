@@ -66,6 +66,8 @@ func runConformance(t *testing.T, b backend) {
 		{"RecordUsage", testRecordUsage},
 		{"CountOwner", testCountOwner},
 		{"Status", testStatus},
+		{"ListFilteredBounded", testListFilteredBounded},
+		{"CanceledContext", testCanceledContext},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -489,8 +489,17 @@ func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) 
 	var (
 		keys    []*Key
 		members []string
+		skipped int
 	)
 	for len(keys) <= limit {
+		if skipped >= maxListSkip {
+			// Walked past many members without a record: return what
+			// was found, and go on from here next time.
+			return keys, strings.TrimPrefix(start, "("), nil
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, "", fmt.Errorf("keystore: redis list keys: %w", err)
+		}
 		want := limit + 1 - len(keys)
 		batch, err := s.c.ZRangeArgs(ctx, redis.ZRangeArgs{
 			Key: ownerKey, Start: start, Stop: "-",
@@ -507,6 +516,8 @@ func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) 
 			if k != nil {
 				keys = append(keys, k)
 				members = append(members, batch[i])
+			} else {
+				skipped++
 			}
 		}
 		if len(batch) < want {
