@@ -13,9 +13,13 @@ package keystore
 //	used         key ID                   -> 8-byte big-endian last use (unix ms)
 //	idempotency  record ID                -> 8-byte big-endian expiry (unix ns) + JSON record
 //	meta         "version"                -> data format version
+//	live, livecount                       -> the live-key index (see bolt_live.go)
 //
-// The used bucket was added after format version 1 without a version bump:
-// NewBolt creates it in older files, and older code ignores it.
+// The used, live and livecount buckets were added after format version 1
+// without a version bump: NewBolt creates them in older files (building the
+// live index from the keys there), and older code ignores them. A file
+// written by older code after the live index was built must not be opened
+// by this code again: its index would miss that code's writes.
 //
 // A background sweeper deletes expired idempotency records and, under
 // retention, keys whose end (Key.End) plus retention has passed: record, ID,
@@ -120,7 +124,7 @@ func newBolt(opts BoltOptions, sweepEvery time.Duration, now func() time.Time) (
 	if err != nil {
 		return nil, fmt.Errorf("keystore: open bolt store %s: %w", opts.Path, err)
 	}
-	if err := db.Update(initBuckets); err != nil {
+	if err := db.Update(func(tx *bolt.Tx) error { return initBuckets(tx, now()) }); err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("keystore: initialise bolt store %s: %w", opts.Path, err)
 	}
@@ -131,12 +135,27 @@ func newBolt(opts BoltOptions, sweepEvery time.Duration, now func() time.Time) (
 	return s, nil
 }
 
-// initBuckets creates the buckets and checks the format version.
-func initBuckets(tx *bolt.Tx) error {
+// initBuckets creates the buckets, builds the live-key index of a file
+// that has none, and checks the format version.
+func initBuckets(tx *bolt.Tx, now time.Time) error {
 	for _, name := range [][]byte{bucketKeys, bucketIDs, bucketOwners, bucketUsed, bucketIdempotency, bucketMeta} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
 		}
+	}
+	switch live, count := tx.Bucket(bucketLive), tx.Bucket(bucketLiveCount); {
+	case live == nil && count == nil:
+		if _, err := tx.CreateBucket(bucketLive); err != nil {
+			return err
+		}
+		if _, err := tx.CreateBucket(bucketLiveCount); err != nil {
+			return err
+		}
+		if err := backfillLive(tx, now); err != nil {
+			return err
+		}
+	case live == nil || count == nil:
+		return errLiveBucketsMissing
 	}
 	meta := tx.Bucket(bucketMeta)
 	switch v := meta.Get(metaVersion); {
@@ -148,42 +167,9 @@ func initBuckets(tx *bolt.Tx) error {
 	return nil
 }
 
-// Create implements [Store.Create] in one transaction.
+// Create implements [Store.Create]: CreateLimited without a limit.
 func (s *BoltStore) Create(ctx context.Context, k *Key) error {
-	if err := ctx.Err(); err != nil {
-		return boltErr("create key", err)
-	}
-	if err := validateKey(k); err != nil {
-		return err
-	}
-	record, err := encodeKey(k)
-	if err != nil {
-		return err
-	}
-	err = s.db.Update(func(tx *bolt.Tx) error {
-		keys, ids := tx.Bucket(bucketKeys), tx.Bucket(bucketIDs)
-		if cur := ids.Get([]byte(k.ID)); cur != nil && subtle.ConstantTimeCompare(cur, k.Digest[:]) != 1 {
-			return ErrConflict
-		}
-		if cur := keys.Get(k.Digest[:]); cur != nil {
-			existing, err := decodeKey(cur)
-			if err != nil {
-				return err
-			}
-			if existing.ID != k.ID {
-				return ErrConflict
-			}
-			return nil // already stored: a retried Create
-		}
-		if err := ids.Put([]byte(k.ID), k.Digest[:]); err != nil {
-			return err
-		}
-		if err := tx.Bucket(bucketOwners).Put(ownerIndexKey(k.Owner, indexMember(k)), nil); err != nil {
-			return err
-		}
-		return keys.Put(k.Digest[:], record)
-	})
-	return boltErr("create key", err)
+	return s.CreateLimited(ctx, k, 0, s.now())
 }
 
 // ownerIndexKey returns the owners-bucket key of member under owner.
@@ -194,7 +180,7 @@ func ownerIndexKey(owner, member string) []byte {
 // boltErr passes nil and the sentinel errors through and gives any other
 // error context.
 func boltErr(op string, err error) error {
-	if err == nil || errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) {
+	if Outcome(err) {
 		return err
 	}
 	return fmt.Errorf("keystore: bolt %s: %w", op, err)
@@ -384,6 +370,14 @@ func (s *BoltStore) Update(ctx context.Context, id string, fn func(*Key) error) 
 				return err
 			}
 			if err := tx.Bucket(bucketKeys).Put(next.Digest[:], data); err != nil {
+				return err
+			}
+			// Move the key to its new end in the live index (a key given an
+			// end in the past is pruned later).
+			if err := deleteLive(tx, cur); err != nil {
+				return err
+			}
+			if err := addLive(tx, next); err != nil {
 				return err
 			}
 		}
@@ -615,15 +609,20 @@ func (s *BoltStore) sweep(every time.Duration) {
 	}
 }
 
-// sweepOnce deletes the idempotency records expired at now and the keys
-// whose retention has passed at now. It finds them in a read transaction, so
+// sweepOnce deletes the idempotency records expired at now, the keys
+// whose retention has passed at now, and the live-index entries of keys
+// that ended by now. It finds them in a read transaction, so
 // that writers are not held up while it decodes every record, and deletes
 // them, checked again, in one write transaction (none if there is nothing to
 // delete).
 func (s *BoltStore) sweepOnce(now time.Time) error {
-	var idem, keys [][]byte
+	var idem, keys, live [][]byte
 	err := s.db.View(func(tx *bolt.Tx) error {
-		err := tx.Bucket(bucketIdempotency).ForEach(func(k, v []byte) error {
+		var err error
+		if live, err = allEndedLive(tx, now); err != nil {
+			return err
+		}
+		err = tx.Bucket(bucketIdempotency).ForEach(func(k, v []byte) error {
 			if boltIdemExpired(v, now) {
 				idem = append(idem, bytes.Clone(k))
 			}
@@ -639,10 +638,13 @@ func (s *BoltStore) sweepOnce(now time.Time) error {
 			return nil
 		})
 	})
-	if err != nil || len(idem)+len(keys) == 0 {
+	if err != nil || len(idem)+len(keys)+len(live) == 0 {
 		return err
 	}
 	return s.db.Update(func(tx *bolt.Tx) error {
+		if err := pruneLive(tx, live); err != nil {
+			return err
+		}
 		b := tx.Bucket(bucketIdempotency)
 		for _, k := range idem {
 			if v := b.Get(k); v != nil && boltIdemExpired(v, now) {
@@ -695,6 +697,9 @@ func (s *BoltStore) deleteIfPastRetention(tx *bolt.Tx, digest []byte, now time.T
 		return err
 	}
 	if err := tx.Bucket(bucketUsed).Delete([]byte(k.ID)); err != nil {
+		return err
+	}
+	if err := deleteLive(tx, k); err != nil {
 		return err
 	}
 	return keys.Delete(digest)

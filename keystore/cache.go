@@ -763,7 +763,7 @@ func (c *CachedStore) markDown(err error) {
 // ends an outage at once, without waiting for the probe.
 func (c *CachedStore) observe(op string, start time.Time, err error) {
 	c.obs.StoreCall(op, time.Since(start), err)
-	if err == nil || errors.Is(err, ErrNotFound) || errors.Is(err, ErrConflict) {
+	if Outcome(err) {
 		c.markUp()
 	}
 }
@@ -873,10 +873,20 @@ func (c *CachedStore) ByDigest(ctx context.Context, d Digest) (*Key, error) {
 // Create implements [Store.Create]. The new record is cached at once, and
 // the other instances drop any "unknown" they remember for its digest.
 func (c *CachedStore) Create(ctx context.Context, k *Key) error {
+	return c.create(ctx, k, func() error { return c.inner.Create(ctx, k) })
+}
+
+// CreateLimited implements [Store.CreateLimited] like Create.
+func (c *CachedStore) CreateLimited(ctx context.Context, k *Key, limit int, now time.Time) error {
+	return c.create(ctx, k, func() error { return c.inner.CreateLimited(ctx, k, limit, now) })
+}
+
+// create runs the inner store's create of k and caches k if it succeeded.
+func (c *CachedStore) create(ctx context.Context, k *Key, inner func() error) error {
 	start := time.Now()
 	loadedAt := c.nowNano()
 	gen := c.gen.Load()
-	err := c.inner.Create(ctx, k)
+	err := inner()
 	c.observe("create", start, err)
 	if err != nil {
 		return err
@@ -954,6 +964,14 @@ func (c *CachedStore) CountOwner(ctx context.Context, owner string) (int, error)
 	start := time.Now()
 	n, err := c.inner.CountOwner(ctx, owner)
 	c.observe("count_owner", start, err)
+	return n, err
+}
+
+// CountLive implements [Store.CountLive].
+func (c *CachedStore) CountLive(ctx context.Context, owner string, now time.Time) (int, error) {
+	start := time.Now()
+	n, err := c.inner.CountLive(ctx, owner, now)
+	c.observe("count_live", start, err)
 	return n, err
 }
 

@@ -65,6 +65,8 @@ func runConformance(t *testing.T, b backend) {
 		{"UpdateNotFound", testUpdateNotFound},
 		{"RecordUsage", testRecordUsage},
 		{"CountOwner", testCountOwner},
+		{"CreateLimitedConcurrent", testCreateLimitedConcurrent},
+		{"CountLive", testCountLive},
 		{"Status", testStatus},
 		{"ListFilteredBounded", testListFilteredBounded},
 		{"CanceledContext", testCanceledContext},

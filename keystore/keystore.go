@@ -178,7 +178,25 @@ type Store interface {
 	// Create stores k. Creating a key whose ID and Digest are both already
 	// stored with the same values is a no-op success (so a retried write is
 	// safe). An ID or digest that belongs to another key gives ErrConflict.
+	// It is CreateLimited without a limit.
 	Create(ctx context.Context, k *Key) error
+	// CreateLimited is Create that refuses to store k, with
+	// ErrLimitReached, when k.Owner already holds limit or more keys that
+	// are live at now (neither revoked nor expired; see CountLive). The
+	// count and the insert are one atomic step: however many CreateLimited
+	// calls for one owner run at once, on however many processes, the
+	// owner never ends up with more than limit live keys through them.
+	// limit 0 means no limit. A retry of a Create that already stored k is
+	// a no-op success whatever the count.
+	CreateLimited(ctx context.Context, k *Key, limit int, now time.Time) error
+	// CountLive returns how many of owner's keys are live at now: neither
+	// revoked nor expired. Every write keeps a per-owner index of live
+	// keys ordered by their end (Key.End), so this costs O(log n) on Redis
+	// and O(1) plus the keys that ended since the last sweep on bbolt,
+	// whatever the length of owner's history. It may count high, never
+	// low: a Redis Create that failed after reserving its place counts
+	// until the key's end or until a retry completes it.
+	CountLive(ctx context.Context, owner string, now time.Time) (int, error)
 	// ByDigest returns the key with digest d, or ErrNotFound. Revoked and
 	// expired keys are returned too; callers check [Key.Active]. It leaves
 	// LastUsedAt nil (this is the hot path of key validation).

@@ -157,10 +157,12 @@ func testCanceledContext(t *testing.T, s Store) {
 	other := newKey(t, "user-1", time.Now())
 	rec := &IdempotencyRecord{Token: "t", Fingerprint: "f", State: IdempotencyPending, LockedUntil: time.Now()}
 	calls := map[string]func() error{
-		"Create":   func() error { return s.Create(ctx, other) },
-		"ByDigest": func() error { _, err := s.ByDigest(ctx, k.Digest); return err },
-		"Get":      func() error { _, err := s.Get(ctx, k.ID); return err },
-		"List":     func() error { _, _, err := s.List(ctx, "user-1", "", 10); return err },
+		"Create":        func() error { return s.Create(ctx, other) },
+		"CreateLimited": func() error { return s.CreateLimited(ctx, other, 10, time.Now()) },
+		"CountLive":     func() error { _, err := s.CountLive(ctx, "user-1", time.Now()); return err },
+		"ByDigest":      func() error { _, err := s.ByDigest(ctx, k.Digest); return err },
+		"Get":           func() error { _, err := s.Get(ctx, k.ID); return err },
+		"List":          func() error { _, _, err := s.List(ctx, "user-1", "", 10); return err },
 		"ListFiltered": func() error {
 			_, _, err := ListFiltered(ctx, s, "user-1", "", 10, 0, func(*Key) bool { return true })
 			return err

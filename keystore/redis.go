@@ -16,11 +16,14 @@ package keystore
 //	<ns>:used:<key ID>         string  last use as above, as written before
 //	                                   the buckets; still read, never written
 //	<ns>:idem:<record ID>      string  "<token>\n<JSON IdempotencyRecord>", with a TTL
+//	<ns>:live:{<sha256 owner>}[:ready]  the live-key index (see redis_live.go)
 //
-// Create writes id, owner index, then digest record, each with NX. Only the
-// last write makes a key findable by digest (that is, valid), so a Create
-// interrupted at any point leaves nothing that validates; what it did leave
-// is ignored by reads and completed by a retry with the same key.
+// Create reserves the key's place in the live index (checking the owner's
+// limit in the same script), then writes id, owner index, then digest
+// record, each with NX. Only the last write makes a key findable by digest
+// (that is, valid), so a Create interrupted at any point leaves nothing that
+// validates; what it did leave is ignored by reads and completed by a retry
+// with the same key.
 //
 // Retention is left to the server: a key with an end (Key.End) has its id,
 // digest and used keys expire (PEXPIREAT) at end plus retention. Create sets
@@ -335,10 +338,20 @@ func expireArgs(mode string, ms int64) redis.SetArgs {
 	return a
 }
 
-// Create implements [Store.Create] with three single-key writes, in an order
-// that is safe to interrupt (see the file comment).
+// Create implements [Store.Create]: CreateLimited without a limit.
 func (s *RedisStore) Create(ctx context.Context, k *Key) error {
+	return s.CreateLimited(ctx, k, 0, time.Now())
+}
+
+// CreateLimited implements [Store.CreateLimited]: a check that k is not
+// stored already, its place in the live index (the atomic limit check),
+// then three single-key writes, in an order that is safe to interrupt (see
+// the file comment).
+func (s *RedisStore) CreateLimited(ctx context.Context, k *Key, limit int, now time.Time) error {
 	if err := validateKey(k); err != nil {
+		return err
+	}
+	if err := checkLiveLimit(limit); err != nil {
 		return err
 	}
 	record, err := encodeKey(k)
@@ -347,6 +360,18 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	}
 	digestHex := k.Digest.String()
 	expireAt := s.expireAt(k) // a key created with an end expires from birth
+
+	// 0. A retry of a Create that completed changes nothing, and must not
+	// count the key again: it may have been revoked since.
+	switch done, err := s.created(ctx, k, digestHex); {
+	case err != nil:
+		return err
+	case done:
+		return nil
+	}
+	if err := s.reserveLive(ctx, k, limit, now); err != nil {
+		return err
+	}
 
 	// 1. Claim the ID for this digest.
 	claimed, err := s.setNX(ctx, s.idKey(k.ID), digestHex, expireAt)
@@ -362,6 +387,7 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 		}
 		d, err := ParseDigest(cur)
 		if err != nil || !d.Equal(k.Digest) {
+			s.releaseLive(ctx, k)
 			return ErrConflict
 		}
 	}
@@ -384,10 +410,37 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 			return err
 		}
 		if existing.ID != k.ID {
+			s.releaseLive(ctx, k)
 			return ErrConflict
 		}
 	}
 	return nil
+}
+
+// created reports whether k is stored completely already: its ID names its
+// digest, whose record is k's. An ID or record of another key gives
+// ErrConflict.
+func (s *RedisStore) created(ctx context.Context, k *Key, digestHex string) (bool, error) {
+	cur, err := s.c.Get(ctx, s.idKey(k.ID)).Result()
+	switch {
+	case errors.Is(err, redis.Nil):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("keystore: redis create key (read id): %w", err)
+	}
+	if d, err := ParseDigest(cur); err != nil || !d.Equal(k.Digest) {
+		return false, ErrConflict
+	}
+	existing, err := s.getRecord(ctx, digestHex)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return false, nil // an interrupted Create: finish it
+	case err != nil:
+		return false, err
+	case existing.ID != k.ID:
+		return false, ErrConflict
+	}
+	return true, nil
 }
 
 // getRecord reads and decodes the record at <ns>:digest:<digestHex>.
@@ -703,7 +756,7 @@ func (s *RedisStore) Update(ctx context.Context, id string, fn func(*Key) error)
 		}
 		// Also when nothing changed: a retried Update repairs the expiry
 		// of the id and used keys if an earlier attempt failed to set it.
-		if out.LastUsedAt, err = s.syncExpiry(ctx, id, recKey, s.expireAt(out)); err != nil {
+		if out.LastUsedAt, err = s.syncExpiry(ctx, out, recKey); err != nil {
 			return nil, fmt.Errorf("keystore: redis update key (expiry): %w", err)
 		}
 		return out, nil
@@ -730,9 +783,9 @@ func backoff(ctx context.Context, attempt int) error {
 // rounds it backs off like Update.
 const syncAttempts = 32
 
-// syncExpiry gives the id and used keys of key id the expiry expireAt (unix
-// ms; 0 means none) that its record at recKey was written with, and returns
-// the key's last-use time.
+// syncExpiry gives the id and used keys of key k the expiry (s.expireAt)
+// that its record at recKey was written with, and its member in the live
+// index the end, and returns the key's last-use time.
 //
 // The record and its expiry change together in one transaction, but the id
 // and used keys live in other slots and follow in separate commands, so two
@@ -740,9 +793,12 @@ const syncAttempts = 32
 // to their record writes. So after applying it, syncExpiry reads the record
 // again and, if that calls for another expiry, applies that one. The last
 // expiry applied is then always followed by a read of the latest record
-// that agrees with it.
-func (s *RedisStore) syncExpiry(ctx context.Context, id, recKey string, expireAt int64) (*time.Time, error) {
-	idKey, usedKey := s.idKey(id), s.usedKey(id)
+// that agrees with it. Both the expiry and the live index follow the key's
+// end, so the same holds for the live index.
+func (s *RedisStore) syncExpiry(ctx context.Context, k *Key, recKey string) (*time.Time, error) {
+	id, owner := k.ID, k.Owner
+	idKey, usedKey, liveKey := s.idKey(id), s.usedKey(id), s.liveKey(owner)
+	expireAt, score := s.expireAt(k), liveScore(k)
 	for round := range syncAttempts {
 		if round > 0 {
 			if err := backoff(ctx, round); err != nil {
@@ -757,6 +813,7 @@ func (s *RedisStore) syncExpiry(ctx context.Context, id, recKey string, expireAt
 					p.Persist(ctx, key)
 				}
 			}
+			p.Do(ctx, "ZADD", liveKey, score, id)
 			return nil
 		})
 		for _, cmd := range cmds {
@@ -785,15 +842,16 @@ func (s *RedisStore) syncExpiry(ctx context.Context, id, recKey string, expireAt
 		if err != nil {
 			return nil, err
 		}
-		k, err := decodeKey(data)
+		latest, err := decodeKey(data)
 		if err != nil {
 			return nil, err
 		}
-		want := s.expireAt(k)
-		if k.ID != id || want == expireAt {
+		want := s.expireAt(latest)
+		if latest.ID != id || want == expireAt {
 			return lastUsed, nil
 		}
-		expireAt = want // another Update moved the end: follow it
+		// another Update moved the end: follow it
+		expireAt, score = want, liveScore(latest)
 	}
 	return nil, errors.New("too much contention, try again")
 }
