@@ -89,9 +89,10 @@ const (
 const coarseResolution = 10 * time.Millisecond
 
 // sharedCoarseClock is the clock of every cache: of otter's expiry and,
-// unless CacheOptions.Now is set, of the freshness decisions.
-var sharedCoarseClock = sync.OnceValue(func() *otter.CoarseClock {
-	return otter.NewCoarseClock(coarseResolution)
+// unless CacheOptions.Now is set, of the freshness decisions. It parks
+// after a second without reads (see idleClock).
+var sharedCoarseClock = sync.OnceValue(func() *idleClock {
+	return newIdleClock(coarseResolution, int(time.Second/coarseResolution))
 })
 
 // ErrUnavailable is returned by [CachedStore.Lookup] when the store cannot
