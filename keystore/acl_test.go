@@ -15,7 +15,7 @@ var aclRules = strings.Fields(`on >acl-test-password resetkeys ~apikeys:* resetc
 	+hello +ping +get +set +del +zadd +zrange
 	+eval +evalsha +watch +unwatch +multi +exec +wait
 	+zrem +zcard +pexpireat +persist
-	+exists +zscore +zremrangebyscore +zcount
+	+exists +zscore +zremrangebyscore +zcount +incr
 	+mget +hget +hmget +hset +hdel
 	+publish +subscribe +unsubscribe`)
 

@@ -41,6 +41,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"math"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -73,8 +74,6 @@ const (
 	// yields between batches, so a refresh of many records does not hold
 	// up requests on a server with a single CPU.
 	refreshBatch = 128
-	// maxRefreshTick is the longest pause of the background refresh loop.
-	maxRefreshTick = time.Second
 	// probeInterval is how often an unreachable store is pinged.
 	probeInterval = 250 * time.Millisecond
 	// WarmFor is how long after its last use a record keeps being re-read
@@ -224,7 +223,10 @@ type CacheObserver interface {
 // straight to the underlying store.
 type CachedStore struct {
 	inner       Store
-	bulk        bulkReader   // inner, if it reads many digests at once
+	bulk        bulkReader      // inner, if it reads many digests at once
+	ver         versionReader   // inner, if it keeps a records version
+	versions    []versionSample // of the refresh loop's passes, oldest first
+	preciseNano func() int64
 	raw         rawReader    // inner, if it can also hand records undecoded
 	seed        maphash.Seed // of the records' checksums
 	pos         *otter.Cache[Digest, CachedKey]
@@ -263,6 +265,12 @@ type bulkReader interface {
 	ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
 }
 
+// versionReader is implemented by stores that keep a version of their key
+// records (see [RedisStore.RecordsVersion]).
+type versionReader interface {
+	RecordsVersion(ctx context.Context) (v int64, ok bool, err error)
+}
+
 // rawReader is implemented by stores that can hand records undecoded: the
 // cache keeps a checksum of each, and a background refresh decodes only
 // the records that changed.
@@ -288,11 +296,14 @@ func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
 	}
 	if opts.Now != nil {
 		c.nowNano = func() int64 { return opts.Now().UnixNano() }
+		c.preciseNano = c.nowNano
 	} else {
 		c.nowNano = sharedCoarseClock().NowNano
+		c.preciseNano = func() int64 { return time.Now().UnixNano() }
 	}
 	c.bulk, _ = inner.(bulkReader)
 	c.raw, _ = inner.(rawReader)
+	c.ver, _ = inner.(versionReader)
 	c.seed = maphash.MakeSeed()
 	if err := c.Configure(opts); err != nil {
 		return nil, err
@@ -613,29 +624,113 @@ func (c *CachedStore) refreshLoop() {
 		if !c.disabled.Load() && !c.down.Load() {
 			c.refreshDue()
 		}
-		t.Reset(min(maxRefreshTick, time.Duration(c.refresh.Load()/2)))
+		t.Reset(c.refreshTick())
 	}
 }
 
-// refreshDue re-reads every record in use that is older than Refresh.
+// refreshTick is the pause of the refresh loop: short enough that a record
+// due at Refresh is refreshed before TTL, long enough that a cache of many
+// records is not walked more often than it needs to be.
+func (c *CachedStore) refreshTick() time.Duration {
+	refresh, ttl := c.refresh.Load(), c.ttl.Load()
+	return max(time.Duration(min(refresh/2, (ttl-refresh)/2)), 10*time.Millisecond)
+}
+
+// versionSample is a records version (see [RedisStore.RecordsVersion]) and
+// the precise time its read returned.
+type versionSample struct{ at, v int64 }
+
+// maxVersionSamples bounds the history of versions the refresh keeps:
+// a few minutes of refresh passes, far more than a record waits to be
+// refreshed.
+const maxVersionSamples = 64
+
+// unchangedSince reads the store's records version and returns the time
+// (cache clock) from which no record has changed: records read since then
+// are still current. It returns math.MaxInt64 when it cannot tell (no
+// version on this store, or it just changed), and ok false when the store
+// failed.
+func (c *CachedStore) unchangedSince() (since int64, ok bool) {
+	since = math.MaxInt64
+	if c.ver == nil {
+		return since, true
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.timeout.Load()))
+	start := time.Now()
+	v, supported, err := c.ver.RecordsVersion(ctx)
+	cancel()
+	c.obs.StoreCall("records_version", time.Since(start), err)
+	if err != nil {
+		if c.ctx.Err() == nil {
+			c.markDown(err)
+		}
+		return since, false
+	}
+	if !supported {
+		return since, true
+	}
+	c.markUp()
+	// The earliest pass that saw the same version: nothing changed between
+	// the end of its read and now. A record whose read started after that
+	// is current. (The version read of that pass ended at a precise time;
+	// records are stamped with the cache's clock, which may lag.)
+	for i := len(c.versions) - 1; i >= 0 && c.versions[i].v == v; i-- {
+		since = c.versions[i].at
+	}
+	c.versions = append(c.versions, versionSample{at: c.preciseNano(), v: v})
+	if n := len(c.versions); n > maxVersionSamples {
+		c.versions = append(c.versions[:0], c.versions[n-maxVersionSamples:]...)
+	}
+	return since, true
+}
+
+// refreshDue re-reads every record in use that is older than Refresh,
+// except those the store's records version shows unchanged since they were
+// read: those are renewed without a read.
 func (c *CachedStore) refreshDue() {
 	now, refresh, gen := c.nowNano(), c.refresh.Load(), c.gen.Load()
+	since, ok := c.unchangedSince()
+	if !ok {
+		return
+	}
 	var (
-		due  []Digest
-		olds []CachedKey
+		due   []Digest
+		olds  []CachedKey
+		renew []Digest
 	)
 	for d, e := range c.pos.All() {
 		st := e.st
-		if used := st.lastUsed.Load(); st.gen.Load() == gen && used != 0 && now-used < int64(WarmFor) && now-st.loadedAt.Load() >= refresh {
+		loaded := st.loadedAt.Load()
+		if used := st.lastUsed.Load(); st.gen.Load() == gen && used != 0 && now-used < int64(WarmFor) && now-loaded >= refresh {
+			if loaded >= since {
+				// Current as of the version read, which began after now.
+				st.loadedAt.Store(now)
+				if c.memoryDue(st, now) {
+					renew = append(renew, d)
+				}
+				continue
+			}
 			due = append(due, d)
 			olds = append(olds, e)
 		}
+	}
+	for _, d := range renew {
+		c.pos.SetExpiresAfter(d, c.expiry())
 	}
 	for i := 0; i < len(due) && c.ctx.Err() == nil && !c.down.Load(); i += refreshBatch {
 		j := min(i+refreshBatch, len(due))
 		c.refreshBatch(due[i:j], olds[i:j])
 		runtime.Gosched()
 	}
+}
+
+// memoryDue reports whether the memory of a renewed record (otter's expiry,
+// see expiry) should be renewed too: once half of it has passed, rather
+// than on every refresh, which would cost a write to otter's timer wheel per
+// record every Refresh.
+func (c *CachedStore) memoryDue(st *entryState, now int64) bool {
+	set := st.expirySet.Load()
+	return now-set >= int64(c.expiry())/2 && st.expirySet.CompareAndSwap(set, now)
 }
 
 // refreshBatch re-reads the records of ds and updates each cached entry
@@ -675,7 +770,7 @@ func (c *CachedStore) refreshBatch(ds []Digest, olds []CachedKey) {
 				return next, otter.WriteOp
 			}
 		})
-		if renewed {
+		if renewed && c.memoryDue(old.st, loadedAt) {
 			// Not inside the function above: it holds otter's lock.
 			c.pos.SetExpiresAfter(d, c.expiry())
 		}

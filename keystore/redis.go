@@ -16,6 +16,7 @@ package keystore
 //	<ns>:used:<key ID>         string  last use as above, as written before
 //	                                   the buckets; still read, never written
 //	<ns>:idem:<record ID>      string  "<token>\n<JSON IdempotencyRecord>", with a TTL
+//	<ns>:version               string  counter of record changes (not on a cluster)
 //	<ns>:live:{<sha256 owner>}[:ready]  the live-key index (see redis_live.go)
 //
 // Create reserves the key's place in the live index (checking the owner's
@@ -315,6 +316,33 @@ func (s *RedisStore) ownerKey(owner string) string {
 	return s.ns + ":owner:" + ownerHash(owner)
 }
 func (s *RedisStore) idemKey(id string) string { return s.ns + ":idem:" + id }
+func (s *RedisStore) versionKey() string       { return s.ns + ":version" }
+
+// cluster reports whether the store is on a Redis Cluster.
+func (s *RedisStore) cluster() bool {
+	_, ok := s.c.(*redis.ClusterClient)
+	return ok
+}
+
+// RecordsVersion returns a number that every change of a stored key record
+// (Update and Revoke) increases in the same transaction as the change, so
+// that a cache can tell that none of the records it holds changed since it
+// last read the number, without reading them (see CachedStore). ok is false
+// on a Redis Cluster, where the record and the number live on different
+// nodes: there a cache re-reads its records.
+func (s *RedisStore) RecordsVersion(ctx context.Context) (v int64, ok bool, err error) {
+	if s.cluster() {
+		return 0, false, nil
+	}
+	v, err = s.c.Get(ctx, s.versionKey()).Int64()
+	if errors.Is(err, redis.Nil) {
+		return 0, true, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("keystore: redis get records version: %w", err)
+	}
+	return v, true, nil
+}
 func (s *RedisStore) usedKey(id string) string { return s.ns + ":used:" + id }
 
 // expireAt returns when the Redis keys of k expire under retention, in unix
@@ -736,6 +764,11 @@ func (s *RedisStore) Update(ctx context.Context, id string, fn func(*Key) error)
 				// without an expiry drops the old one, for a key whose end
 				// was removed.
 				p.SetArgs(ctx, recKey, record, expireArgs("XX", s.expireAt(next)))
+				if !s.cluster() {
+					// In the same transaction: a cache that sees the
+					// version unchanged knows no record changed.
+					p.Incr(ctx, s.versionKey())
+				}
 				return nil
 			})
 			if errors.Is(err, redis.Nil) {
