@@ -50,6 +50,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			owner_claim <claim>
 //			leeway <duration>
 //			scopes_claim <claim>
+//			max_token_age <duration>
+//			typ <type>...
 //		}
 //		scopes <scope>...
 //		scope <scope> [<METHOD>...] <path>...
@@ -302,6 +304,13 @@ func (c *DashboardJWT) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = durationArg(d, &c.Leeway)
 		case "scopes_claim":
 			err = singleArg(d, &c.ScopesClaim)
+		case "max_token_age":
+			err = durationArg(d, &c.MaxTokenAge)
+		case "typ":
+			c.Types = d.RemainingArgs()
+			if len(c.Types) == 0 {
+				err = d.ArgErr()
+			}
 		default:
 			err = d.Errf("unrecognized dashboard_jwt option %q", d.Val())
 		}

@@ -174,7 +174,11 @@ func runCreate(cmd *cobra.Command, _ []string) error {
 	body, _ := json.Marshal(req)
 	ctx, cancel := cmdContext()
 	defer cancel()
-	op, aerr := h.prepareCreate(ctx, jwtauth.Claims{Owner: owner}, body)
+	parsed, aerr := h.parseCreateRequest(body)
+	var op *mintOp
+	if aerr == nil {
+		op, aerr = h.prepareCreate(ctx, jwtauth.Claims{Owner: owner}, parsed)
+	}
 	return h.finishMint(ctx, cmd, op, aerr)
 }
 

@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strings"
 )
 
 // CORS for the management API, so a browser dashboard on another origin
@@ -16,18 +17,23 @@ const (
 )
 
 // preflight answers OPTIONS on the management API, never with 401:
-// browsers send preflights without credentials.
-func (h *Handler) preflight(w http.ResponseWriter, r *http.Request) error {
+// browsers send preflights without credentials. methods are the route's
+// (nil for a path that is no route: then every method of the API).
+func (h *Handler) preflight(w http.ResponseWriter, r *http.Request, methods []string) error {
+	allow := corsMethods
+	if methods != nil {
+		allow = strings.Join(methods, ", ")
+	}
 	hdr := w.Header()
 	origin := r.Header.Get("Origin")
 	if h.corsAllowed(origin) && r.Header.Get("Access-Control-Request-Method") != "" {
 		hdr.Set("Access-Control-Allow-Origin", origin)
-		hdr.Set("Access-Control-Allow-Methods", corsMethods)
+		hdr.Set("Access-Control-Allow-Methods", allow)
 		hdr.Set("Access-Control-Allow-Headers", corsHeaders)
 		hdr.Set("Access-Control-Max-Age", "600")
 	}
 	hdr.Add("Vary", "Origin")
-	hdr.Set("Allow", corsMethods+", OPTIONS")
+	hdr.Set("Allow", allow+", OPTIONS")
 	w.WriteHeader(http.StatusNoContent)
 	return nil
 }

@@ -48,6 +48,15 @@ type DashboardJWT struct {
 	// full access, is then refused with 403 scope_not_grantable; a "*"
 	// in the claim grants everything. Default: unset (no cap).
 	ScopesClaim string `json:"scopes_claim,omitempty"`
+	// MaxTokenAge, when set, refuses tokens issued for longer than it
+	// (`exp` more than this after `iat`, or after now). Default: unset (no
+	// limit beyond `exp`).
+	MaxTokenAge caddy.Duration `json:"max_token_age,omitempty"`
+	// Types, when set, is the allowlist of the token's `typ` header (e.g.
+	// "JWT", "at+jwt"; compared case-insensitively, "application/"
+	// ignored); a token without `typ` is then refused. Default: unset
+	// (`typ` not checked).
+	Types []string `json:"typ,omitempty"`
 }
 
 // newVerifier resolves secrets and reads key files, then builds the verifier.
@@ -59,6 +68,8 @@ func (c *DashboardJWT) newVerifier(ctx caddy.Context, repl *caddy.Replacer) (*jw
 		OwnerClaim:  c.OwnerClaim,
 		ScopesClaim: c.ScopesClaim,
 		Leeway:      time.Duration(c.Leeway),
+		MaxTokenAge: time.Duration(c.MaxTokenAge),
+		Types:       c.Types,
 		HTTPClient:  &http.Client{Timeout: 10 * time.Second},
 	}
 	var err error
@@ -72,6 +83,11 @@ func (c *DashboardJWT) newVerifier(ctx caddy.Context, repl *caddy.Replacer) (*jw
 		}
 	}
 	cfg.JWKSURL = strings.TrimSpace(repl.ReplaceKnown(c.JWKS, ""))
+	if cfg.JWKSURL != "" && cfg.Audience == "" {
+		// A JWKS is often an identity provider's, whose tokens for other
+		// applications it signs with the same keys.
+		ctx.Logger().Warn("dashboard_jwt: jwks is set without audience, so a token the identity provider issued for any other application is accepted here; set audience to this dashboard's")
+	}
 	v, err := jwtauth.New(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("apikeys: dashboard_jwt: %w", err)

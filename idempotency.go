@@ -13,11 +13,13 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
@@ -99,10 +101,14 @@ func newMintOp(key *keystore.Key, raw string, rotation *rotationPlan) (*mintOp, 
 	return op, nil
 }
 
-// mint runs a key-minting POST (create, rotate). prepare validates the
-// request and builds the operation; it runs only when the request is new.
-// With an Idempotency-Key the request is scoped to the owner and endpoint.
-func (h *Handler) mint(w http.ResponseWriter, r *http.Request, owner string, body []byte, prepare func(context.Context) (*mintOp, *apiError)) error {
+// mint runs a key-minting POST (create, rotate). prepare checks the
+// request against the session and the store and builds the operation; it
+// runs only when the request is new. meaning is the request's canonical
+// form, which the Idempotency-Key fingerprint covers (body is its raw form,
+// which records written by earlier versions fingerprinted). With an
+// Idempotency-Key the request is scoped to the owner and endpoint.
+func (h *Handler) mint(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims, body []byte, meaning string, prepare func(context.Context) (*mintOp, *apiError)) error {
+	owner := claims.Owner
 	idemKey, present, aerr := idempotencyKey(r)
 	if aerr != nil {
 		return writeError(w, aerr)
@@ -127,11 +133,11 @@ func (h *Handler) mint(w http.ResponseWriter, r *http.Request, owner string, bod
 
 	endpoint := r.Method + " " + r.URL.Path
 	id := hashParts("idempotency", owner, endpoint, idemKey)
-	fingerprint := hashParts(endpoint, string(body))
+	fp := fingerprint{hashParts("meaning", endpoint, meaning), hashParts(endpoint, string(body))}
 	existing, err := h.store.GetIdempotency(ctx, id)
 	switch {
 	case err == nil:
-		return h.answerExisting(w, ctx, owner, id, fingerprint, existing)
+		return h.answerExisting(w, ctx, claims, id, fp, existing)
 	case !errors.Is(err, keystore.ErrNotFound):
 		h.logger.Error("idempotency lookup failed", zap.Error(err))
 		return writeError(w, errStoreUnavailable)
@@ -149,7 +155,7 @@ func (h *Handler) mint(w http.ResponseWriter, r *http.Request, owner string, bod
 	}
 	rec := &keystore.IdempotencyRecord{
 		Token:       token,
-		Fingerprint: fingerprint,
+		Fingerprint: fp.current,
 		State:       keystore.IdempotencyPending,
 		LockedUntil: h.now().Add(idempotencyLock),
 		KeyID:       op.key.ID,
@@ -162,7 +168,7 @@ func (h *Handler) mint(w http.ResponseWriter, r *http.Request, owner string, bod
 		return writeError(w, errStoreUnavailable)
 	}
 	if existing != nil { // a concurrent request got there first
-		return h.answerExisting(w, ctx, owner, id, fingerprint, existing)
+		return h.answerExisting(w, ctx, claims, id, fp, existing)
 	}
 	return h.finishIdempotent(w, ctx, id, rec, op)
 }
@@ -195,7 +201,12 @@ func (h *Handler) finishIdempotent(w http.ResponseWriter, ctx context.Context, i
 // executeMint stores the new key and, for a rotation, starts the old key's
 // grace period. It is safe to run again for the same operation.
 func (h *Handler) executeMint(ctx context.Context, op *mintOp) *apiError {
-	if err := h.store.Create(ctx, op.key); err != nil {
+	// The limit is checked by the store in the same atomic step as the
+	// insert, so parallel requests cannot overshoot it.
+	switch err := h.store.CreateLimited(ctx, op.key, h.MaxKeysPerOwner, h.now()); {
+	case errors.Is(err, keystore.ErrLimitReached):
+		return h.keyLimitError()
+	case err != nil:
 		h.logger.Error("storing new key failed; nothing minted", zap.String("owner", op.key.Owner), zap.Error(err))
 		return errStoreUnavailable
 	}
@@ -223,31 +234,31 @@ func (h *Handler) executeMint(ctx context.Context, op *mintOp) *apiError {
 	return nil
 }
 
+// fingerprint identifies a request for its Idempotency-Key: current is
+// over the request's meaning, legacy over its bytes (as records written by
+// earlier versions have it).
+type fingerprint struct{ current, legacy string }
+
+func (f fingerprint) matches(stored string) bool {
+	return stored == f.current || stored == f.legacy
+}
+
 // answerExisting answers a request whose Idempotency-Key already has a
-// record: replay, conflict, or take over abandoned work.
-func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, owner, id, fingerprint string, rec *keystore.IdempotencyRecord) error {
-	if rec.Fingerprint != fingerprint {
+// record: replay, conflict, or take over abandoned work. A replay or a
+// takeover is authorised as a fresh request would be: the session must be
+// allowed to grant the key's scopes, and a replay must still describe a
+// key that validates as it did then.
+func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, claims jwtauth.Claims, id string, fp fingerprint, rec *keystore.IdempotencyRecord) error {
+	owner := claims.Owner
+	if !fp.matches(rec.Fingerprint) {
 		return writeError(w, &apiError{status: http.StatusUnprocessableEntity, code: "idempotency_key_reused",
 			message: "This Idempotency-Key was used with a different request; use a new key for a new request."})
 	}
-	if rec.State == keystore.IdempotencyDone {
-		body, err := h.open(id, rec.Body)
-		if err != nil {
-			return h.unreadableRecord(w, err)
-		}
-		h.logger.Debug("idempotent replay", zap.String("key_id", rec.KeyID), zap.String("owner", owner))
-		metricIdempotentReplays.Inc()
-		writeCreated(w, body, true)
-		return nil
-	}
 	now := h.now()
-	if now.Before(rec.LockedUntil) {
+	if rec.State != keystore.IdempotencyDone && now.Before(rec.LockedUntil) {
 		secs := int(math.Ceil(rec.LockedUntil.Sub(now).Seconds()))
 		return writeError(w, inProgress(max(secs, 1)))
 	}
-
-	// The holder went away without finishing: take the record over and
-	// finish the very same key.
 	body, err := h.open(id, rec.Body)
 	if err != nil {
 		return h.unreadableRecord(w, err)
@@ -256,6 +267,22 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, own
 	if err != nil {
 		return h.unreadableRecord(w, err)
 	}
+	if aerr := h.grantable(claims, op.key.Scopes); aerr != nil {
+		return writeError(w, aerr)
+	}
+	if rec.State == keystore.IdempotencyDone {
+		k, aerr := h.replayable(ctx, op.key)
+		if aerr != nil {
+			return writeError(w, aerr)
+		}
+		h.audit("replayed", k)
+		metricIdempotentReplays.Inc()
+		writeCreated(w, body, true)
+		return nil
+	}
+
+	// The holder went away without finishing: take the record over and
+	// finish the very same key.
 	token, err := randomToken()
 	if err != nil {
 		return err
@@ -272,6 +299,56 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, own
 	}
 	h.logger.Info("finishing abandoned idempotent request", zap.String("key_id", op.key.ID), zap.String("owner", owner))
 	return h.finishIdempotent(w, ctx, id, &taken, op)
+}
+
+// replayable loads the key a stored response announced and checks that it
+// still validates as the response says: not revoked, expired or rotated,
+// with the same scopes and expiry. Otherwise the raw key is not shown
+// again.
+func (h *Handler) replayable(ctx context.Context, announced *keystore.Key) (*keystore.Key, *apiError) {
+	k, err := h.store.Get(ctx, announced.ID)
+	switch {
+	case errors.Is(err, keystore.ErrNotFound):
+		return nil, replayUnavailable(announced.ID, "deleted")
+	case err != nil:
+		h.logger.Error("loading the key of an idempotent replay failed", zap.Error(err))
+		return nil, errStoreUnavailable
+	case k.Owner != announced.Owner || !k.Digest.Equal(announced.Digest):
+		return nil, replayUnavailable(announced.ID, "deleted")
+	}
+	if st := k.Status(h.now()); st != keystore.StatusActive {
+		return nil, replayUnavailable(k.ID, st)
+	}
+	if !slices.Equal(k.Scopes, announced.Scopes) || (k.Scopes == nil) != (announced.Scopes == nil) ||
+		!sameTime(k.ExpiresAt, announced.ExpiresAt) {
+		return nil, replayUnavailable(k.ID, "changed")
+	}
+	return k, nil
+}
+
+// replayUnavailable is the answer to a replay whose key no longer
+// validates as the stored response says (status: revoked, expired,
+// rotating, changed, deleted).
+func replayUnavailable(keyID, status string) *apiError {
+	what := "is " + status
+	switch status {
+	case keystore.StatusRotating:
+		what = "was rotated"
+	case "changed":
+		what = "had its scopes or expiry changed"
+	case "deleted":
+		what = "no longer exists"
+	}
+	return &apiError{status: http.StatusConflict, code: "idempotency_replay_unavailable",
+		message: "Key " + keyID + ", created by the request with this Idempotency-Key, " + what +
+			" since; its key is not shown again. Use a new Idempotency-Key to create another key."}
+}
+
+func sameTime(a, b *time.Time) bool {
+	if a == nil || b == nil {
+		return a == nil && b == nil
+	}
+	return a.Equal(*b)
 }
 
 func inProgress(retryAfter int) *apiError {

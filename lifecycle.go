@@ -257,7 +257,8 @@ func (h *Handler) serveRotate(w http.ResponseWriter, r *http.Request, claims jwt
 			grace = time.Duration(secs) * time.Second
 		}
 	}
-	return h.mint(w, r, claims.Owner, body, func(ctx context.Context) (*mintOp, *apiError) {
+	meaning := strconv.FormatInt(int64(grace/time.Second), 10)
+	return h.mint(w, r, claims, body, meaning, func(ctx context.Context) (*mintOp, *apiError) {
 		return h.prepareRotate(ctx, claims, id, grace)
 	})
 }
@@ -278,9 +279,6 @@ func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id s
 		return nil, keyNotActive(st)
 	}
 	if aerr := h.grantable(claims, old.Scopes); aerr != nil {
-		return nil, aerr
-	}
-	if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
 		return nil, aerr
 	}
 	raw, err := keystore.Mint(h.KeyPrefix)
@@ -344,45 +342,11 @@ func (h *Handler) grantable(claims jwtauth.Claims, scopes []string) *apiError {
 	return nil
 }
 
-// checkKeyLimit refuses a new key when the owner holds max_keys_per_owner
-// keys that still validate. The store's count (which includes revoked and
-// expired keys until retention removes them) is the fast path; only near
-// the limit are the keys listed to count the live ones. Under concurrent
-// creates the limit can be overshot by the number of creates in flight.
-func (h *Handler) checkKeyLimit(ctx context.Context, owner string) *apiError {
-	n, err := h.store.CountOwner(ctx, owner)
-	if err == nil && n >= h.MaxKeysPerOwner {
-		n, err = h.countLiveKeys(ctx, owner)
-	}
-	if err != nil {
-		h.logger.Error("counting keys failed", zap.Error(err))
-		return errStoreUnavailable
-	}
-	if n >= h.MaxKeysPerOwner {
-		return &apiError{status: http.StatusConflict, code: "key_limit_reached",
-			message: fmt.Sprintf("You have %d active keys, the most this server allows; revoke keys you no longer use.", n)}
-	}
-	return nil
-}
-
-// countLiveKeys counts owner's keys that are neither revoked nor expired.
-func (h *Handler) countLiveKeys(ctx context.Context, owner string) (int, error) {
-	n, cursor, now := 0, "", h.now()
-	for {
-		keys, next, err := h.store.List(ctx, owner, cursor, keystore.MaxListLimit)
-		if err != nil {
-			return 0, err
-		}
-		for _, k := range keys {
-			if k.Active(now) {
-				n++
-			}
-		}
-		if next == "" {
-			return n, nil
-		}
-		cursor = next
-	}
+// keyLimitError is the answer to a create or rotation that would give the
+// owner more than max_keys_per_owner live keys.
+func (h *Handler) keyLimitError() *apiError {
+	return &apiError{status: http.StatusConflict, code: "key_limit_reached",
+		message: fmt.Sprintf("You hold %d active keys, the most this server allows; revoke keys you no longer use.", h.MaxKeysPerOwner)}
 }
 
 // storeError maps a store error to an answer; nil for nil.

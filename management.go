@@ -10,6 +10,7 @@ import (
 	"math"
 	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -42,31 +43,23 @@ func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error 
 		return writeError(w, &apiError{status: http.StatusNotFound, code: "not_found",
 			message: "Key management is not enabled on this server (no dashboard_jwt is configured)."})
 	}
+	id, action, ok := h.managementRoute(r.URL.Path)
+	methods := routeMethods(id, action, ok)
 	if r.Method == http.MethodOptions {
-		return h.preflight(w, r) // never 401: browsers send no credentials here
+		return h.preflight(w, r, methods) // never 401: browsers send no credentials here
 	}
 	h.corsHeaders(w, r)
-
-	id, action, ok := h.managementRoute(r.URL.Path)
-	var allow string
-	switch {
-	case !ok:
-		allow = ""
-	case id == "":
-		allow = "GET, POST"
-	case action == "":
-		allow = "GET, PATCH, DELETE"
-	default:
-		allow = "POST"
-	}
-	if allow == "" {
+	if !ok {
 		// Unknown path: say nothing to strangers.
 		if _, ok := h.authenticateDashboard(w, r); !ok {
 			return nil
 		}
 		return writeError(w, errNotFound)
 	}
-	if !strings.Contains(allow, r.Method) || r.Method == "" {
+	// Methods are case-sensitive tokens (RFC 9110 §9.1): only an exact
+	// match of a documented method reaches an endpoint.
+	if !slices.Contains(methods, r.Method) {
+		allow := strings.Join(methods, ", ")
 		w.Header().Set("Allow", allow)
 		return writeError(w, &apiError{status: http.StatusMethodNotAllowed, code: "method_not_allowed",
 			message: "This endpoint allows " + allow + "."})
@@ -88,6 +81,22 @@ func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error 
 		return h.servePatch(w, r, claims, id)
 	default:
 		return h.serveRevoke(w, r, claims, id)
+	}
+}
+
+// routeMethods returns the methods of a management route (as
+// managementRoute found it), in the order Allow names them; nil for a path
+// that is no route.
+func routeMethods(id, action string, ok bool) []string {
+	switch {
+	case !ok:
+		return nil
+	case id == "":
+		return []string{http.MethodGet, http.MethodPost}
+	case action == "":
+		return []string{http.MethodGet, http.MethodPatch, http.MethodDelete}
+	default:
+		return []string{http.MethodPost}
 	}
 }
 
@@ -131,22 +140,19 @@ func (h *Handler) serveCreate(w http.ResponseWriter, r *http.Request, claims jwt
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
-	return h.mint(w, r, claims.Owner, body, func(ctx context.Context) (*mintOp, *apiError) {
-		return h.prepareCreate(ctx, claims, body)
+	req, aerr := h.parseCreateRequest(body)
+	if aerr != nil {
+		return writeError(w, aerr) // nothing stored: a corrected retry runs afresh
+	}
+	return h.mint(w, r, claims, body, req.meaning(), func(ctx context.Context) (*mintOp, *apiError) {
+		return h.prepareCreate(ctx, claims, req)
 	})
 }
 
-// prepareCreate validates a create body for the session and mints the key
-// it asks for (not stored yet).
-func (h *Handler) prepareCreate(ctx context.Context, claims jwtauth.Claims, body []byte) (*mintOp, *apiError) {
-	req, aerr := h.parseCreateRequest(body)
-	if aerr != nil {
-		return nil, aerr
-	}
+// prepareCreate checks that the session may create the key req asks for
+// and mints it (not stored yet).
+func (h *Handler) prepareCreate(ctx context.Context, claims jwtauth.Claims, req createRequest) (*mintOp, *apiError) {
 	if aerr := h.grantable(claims, req.Scopes); aerr != nil {
-		return nil, aerr
-	}
-	if aerr := h.checkKeyLimit(ctx, claims.Owner); aerr != nil {
 		return nil, aerr
 	}
 	key, raw, err := h.newKey(claims.Owner, req)
@@ -223,9 +229,17 @@ func readJSONBody(w http.ResponseWriter, r *http.Request, allowEmpty bool) ([]by
 
 // createRequest is a validated body of POST /v1/apikeys.
 type createRequest struct {
-	Name          string
-	Scopes        []string // nil: full access
-	ExpiresInDays int      // 0: never expires
+	Name          string   `json:"name"`
+	Scopes        []string `json:"scopes"`          // nil: full access
+	ExpiresInDays int      `json:"expires_in_days"` // 0: never expires
+}
+
+// meaning returns what the request asks for in one canonical form, so that
+// the Idempotency-Key fingerprint does not depend on member order,
+// whitespace, escapes, number spelling or an explicit null.
+func (req createRequest) meaning() string {
+	b, _ := json.Marshal(req) // cannot fail: strings, a string slice, an int
+	return string(b)
 }
 
 // parseCreateRequest decodes and validates a create body strictly: unknown
@@ -317,7 +331,8 @@ func validationError(field, msg string) *apiError {
 func isNull(raw json.RawMessage) bool { return string(raw) == "null" }
 
 // validateName checks a key name: present, not blank, at most maxNameLen
-// characters, no control characters.
+// characters, no control characters, line or paragraph separators, or
+// bidirectional controls (which make a name display as another).
 func validateName(name string) *apiError {
 	if strings.TrimSpace(name) == "" {
 		return validationError("name", "`name` must not be empty.")
@@ -328,6 +343,9 @@ func validateName(name string) *apiError {
 	for _, c := range name {
 		if unicode.IsControl(c) || c == '\u2028' || c == '\u2029' || c == utf8.RuneError {
 			return validationError("name", "`name` must not contain control characters.")
+		}
+		if unicode.Is(unicode.Bidi_Control, c) {
+			return validationError("name", "`name` must not contain bidirectional control characters (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069).")
 		}
 	}
 	return nil

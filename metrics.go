@@ -136,7 +136,7 @@ func (o *storeObserver) CacheLookup(r keystore.LookupResult) {
 
 func (o *storeObserver) StoreCall(op string, took time.Duration, err error) {
 	metricStoreDuration.WithLabelValues(op).Observe(took.Seconds())
-	if err != nil && !errors.Is(err, keystore.ErrNotFound) && !errors.Is(err, keystore.ErrConflict) {
+	if !keystore.Outcome(err) {
 		metricStoreErrors.WithLabelValues(op).Inc()
 	}
 }

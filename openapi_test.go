@@ -3,6 +3,7 @@ package apikeys
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
 	"strings"
@@ -82,6 +83,14 @@ func TestOpenAPIMatchesResponses(t *testing.T) {
 			check(request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: alice})
 			check(request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: alice})
 			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"x"}`})
+			// A replay whose key was revoked since.
+			gone := check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"gone"}`, header: idem("spec-gone")})
+			var goneKey createdKey
+			_ = json.Unmarshal(gone.env.Data, &goneKey)
+			check(request{method: "DELETE", path: "/v1/apikeys/" + goneKey.KeyID, bearer: alice})
+			if r := check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"gone"}`, header: idem("spec-gone")}); r.errCode() != "idempotency_replay_unavailable" {
+				t.Errorf("replay of a revoked key: %d %s", r.status, r.body)
+			}
 			for i := 0; i < 10; i++ {
 				if r := check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"fill"}`}); r.status == 409 {
 					break

@@ -96,8 +96,12 @@ type Config struct {
 	Audience string
 
 	// OwnerClaim names the claim identifying the session owner. It must
-	// be a non-empty string of at most MaxOwnerLength bytes without
-	// control characters. Default: DefaultOwnerClaim ("sub").
+	// be a non-empty string of at most MaxOwnerLength bytes that a backend
+	// receives byte for byte in a header: valid UTF-8, no control, line or
+	// paragraph separator or bidirectional control characters, and no
+	// white space at either end (header values are trimmed, so "alice "
+	// would reach the backend as "alice"). Default: DefaultOwnerClaim
+	// ("sub").
 	OwnerClaim string
 
 	// ScopesClaim, when set, names the claim holding the scopes the
@@ -108,6 +112,18 @@ type Config struct {
 	// Leeway is the allowed clock skew for `exp`, `nbf` and `iat`.
 	// 0 means DefaultLeeway; negative values are invalid.
 	Leeway time.Duration
+
+	// MaxTokenAge, when set, refuses tokens issued for longer than it: a
+	// token whose `exp` is more than MaxTokenAge after its `iat`, or more
+	// than MaxTokenAge (plus Leeway) from now. 0 means no limit; negative
+	// values are invalid.
+	MaxTokenAge time.Duration
+
+	// Types, when set, is the allowlist of the `typ` header (compared
+	// case-insensitively, with an "application/" prefix ignored, as RFC
+	// 7515 §4.1.9 says), e.g. "JWT" or "at+jwt". A token without `typ` is
+	// then refused. Empty means `typ` is not checked.
+	Types []string
 
 	// HTTPClient fetches the JWKS. Default: a client with a 10 s timeout.
 	// Its timeout (when set) also bounds each JWKS fetch. A copy is used
@@ -142,6 +158,10 @@ type Verifier struct {
 	audience    string
 	ownerClaim  string
 	scopesClaim string
+	maxAge      time.Duration
+	leeway      time.Duration
+	types       []string
+	now         func() time.Time
 
 	jwks      *jwksSource // nil unless JWKSURL is configured
 	closeOnce sync.Once
@@ -170,6 +190,16 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if cfg.Leeway < 0 {
 		return nil, configErrorf("Leeway must not be negative")
 	}
+	if cfg.MaxTokenAge < 0 {
+		return nil, configErrorf("MaxTokenAge must not be negative")
+	}
+	var types []string
+	for _, t := range cfg.Types {
+		if t = normalizeType(t); t == "" {
+			return nil, configErrorf("Types must not contain an empty type")
+		}
+		types = append(types, t)
+	}
 	leeway := cfg.Leeway
 	if leeway == 0 {
 		leeway = DefaultLeeway
@@ -183,6 +213,10 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 		audience:    cfg.Audience,
 		ownerClaim:  cfg.OwnerClaim,
 		scopesClaim: cfg.ScopesClaim,
+		maxAge:      cfg.MaxTokenAge,
+		leeway:      leeway,
+		types:       types,
+		now:         now,
 	}
 	if v.ownerClaim == "" {
 		v.ownerClaim = DefaultOwnerClaim
@@ -276,6 +310,12 @@ func (v *Verifier) Verify(token string) (Claims, error) {
 	if err != nil || exp == nil { // unreachable: the parser requires exp
 		return Claims{}, tokenError("exp claim missing")
 	}
+	if err := v.checkHeader(tok.Header); err != nil {
+		return Claims{}, err
+	}
+	if err := v.checkAge(mc, exp.Time); err != nil {
+		return Claims{}, err
+	}
 
 	owner, err := v.owner(mc)
 	if err != nil {
@@ -286,6 +326,46 @@ func (v *Verifier) Verify(token string) (Claims, error) {
 		return Claims{}, err
 	}
 	return Claims{Owner: owner, Scopes: scopes, ExpiresAt: exp.Time}, nil
+}
+
+// checkHeader refuses what golang-jwt does not check in the JOSE header:
+// any `crit` (this verifier understands no extension, and RFC 7515
+// §4.1.11 requires refusing a token whose critical extensions are not
+// understood; an empty list is itself invalid), and a `typ` outside the
+// allowlist.
+func (v *Verifier) checkHeader(h map[string]any) error {
+	if _, ok := h["crit"]; ok {
+		return tokenError("crit header names extensions this server does not understand", jwt.ErrTokenUnverifiable)
+	}
+	if len(v.types) == 0 {
+		return nil
+	}
+	typ, ok := h["typ"].(string)
+	if !ok || !slices.Contains(v.types, normalizeType(typ)) {
+		return tokenError("typ header not allowed (allowed: "+strings.Join(v.types, ", ")+")", jwt.ErrTokenUnverifiable)
+	}
+	return nil
+}
+
+// normalizeType returns a `typ` value in the form the allowlist compares:
+// lower case, without an "application/" prefix.
+func normalizeType(t string) string {
+	t = strings.ToLower(strings.TrimSpace(t))
+	return strings.TrimPrefix(t, "application/")
+}
+
+// checkAge refuses a token issued for longer than MaxTokenAge.
+func (v *Verifier) checkAge(mc jwt.MapClaims, exp time.Time) error {
+	if v.maxAge == 0 {
+		return nil
+	}
+	if iat, err := mc.GetIssuedAt(); err == nil && iat != nil && exp.Sub(iat.Time) > v.maxAge {
+		return tokenError(fmt.Sprintf("token lifetime (exp - iat) exceeds %s", v.maxAge), jwt.ErrTokenInvalidClaims)
+	}
+	if exp.Sub(v.now()) > v.maxAge+v.leeway {
+		return tokenError(fmt.Sprintf("token expires more than %s from now", v.maxAge), jwt.ErrTokenInvalidClaims)
+	}
+	return nil
 }
 
 func (v *Verifier) owner(mc jwt.MapClaims) (string, error) {
@@ -301,11 +381,25 @@ func (v *Verifier) owner(mc jwt.MapClaims) (string, error) {
 		return "", tokenError(fmt.Sprintf("owner claim %q is empty", v.ownerClaim))
 	case len(s) > MaxOwnerLength:
 		return "", tokenError(fmt.Sprintf("owner claim %q is longer than %d bytes", v.ownerClaim, MaxOwnerLength))
-	case !utf8.ValidString(s) || strings.IndexFunc(s, unicode.IsControl) >= 0:
-		return "", tokenError(fmt.Sprintf("owner claim %q contains control characters", v.ownerClaim))
+	case !utf8.ValidString(s) || strings.IndexFunc(s, notInHeader) >= 0:
+		return "", tokenError(fmt.Sprintf("owner claim %q contains control, separator or bidirectional control characters", v.ownerClaim))
+	case strings.TrimFunc(s, isSpace) != s:
+		return "", tokenError(fmt.Sprintf("owner claim %q begins or ends with white space", v.ownerClaim))
 	}
 	return s, nil
 }
+
+// notInHeader reports whether r may not appear in an owner: a character a
+// backend would not receive as sent (control characters; line and
+// paragraph separators, which some parsers treat as line ends) or that
+// changes how text around it is displayed (bidirectional controls).
+func notInHeader(r rune) bool {
+	return unicode.IsControl(r) || unicode.In(r, unicode.Zl, unicode.Zp, unicode.Bidi_Control)
+}
+
+// isSpace reports whether r is white space that a header parser or an
+// application may trim: Unicode white space and the byte order mark.
+func isSpace(r rune) bool { return unicode.IsSpace(r) || r == '\uFEFF' }
 
 func (v *Verifier) scopes(mc jwt.MapClaims) ([]string, error) {
 	if v.scopesClaim == "" {

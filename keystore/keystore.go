@@ -193,9 +193,8 @@ type Store interface {
 	// revoked nor expired. Every write keeps a per-owner index of live
 	// keys ordered by their end (Key.End), so this costs O(log n) on Redis
 	// and O(1) plus the keys that ended since the last sweep on bbolt,
-	// whatever the length of owner's history. It may count high, never
-	// low: a Redis Create that failed after reserving its place counts
-	// until the key's end or until a retry completes it.
+	// whatever the length of owner's history. A Redis Create that failed
+	// after reserving its place counts for up to a minute after it began.
 	CountLive(ctx context.Context, owner string, now time.Time) (int, error)
 	// ByDigest returns the key with digest d, or ErrNotFound. Revoked and
 	// expired keys are returned too; callers check [Key.Active]. It leaves

@@ -67,6 +67,15 @@ func liveScore(k *Key) string {
 	return strconv.FormatInt(ms, 10)
 }
 
+// liveScoreFloat is liveScore as a number.
+func liveScoreFloat(k *Key) float64 {
+	ms, ok := liveEndMillis(k)
+	if !ok {
+		return math.Inf(1)
+	}
+	return float64(ms)
+}
+
 // nowMillis returns now in unix milliseconds, clamped like liveEndMillis.
 // A key is live at now when its end is after it.
 func nowMillis(now time.Time) int64 {

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
@@ -122,4 +123,39 @@ func TestRedisLiveIndexBackfill(t *testing.T) {
 		t.Errorf("CreateLimited under the limit: %v", err)
 	}
 	countLive(t, s, "old", now, 2)
+}
+
+// TestRedisInterruptedCreateHoldsPlaceBriefly: a Create that fails after
+// reserving its place under the limit (here its next write fails) holds
+// that place for livePending only, and a finished Create holds it until the
+// key's end.
+func TestRedisInterruptedCreateHoldsPlaceBriefly(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer rdb.Close()
+	hook := &failNth{n: 0} // the id key's SET, right after the reservation
+	rdb.AddHook(hook)
+	s := NewRedisFromClient(rdb, "pending")
+	ctx := ctxT(t)
+	now := time.Now()
+
+	k := newKey(t, "u", now)
+	if err := s.CreateLimited(ctx, k, 1, now); err == nil || errors.Is(err, ErrLimitReached) {
+		t.Fatalf("CreateLimited with a failing write: %v", err)
+	}
+	countLive(t, s, "u", now, 1)
+	if err := s.CreateLimited(ctx, newKey(t, "u", now), 1, now); !errors.Is(err, ErrLimitReached) {
+		t.Errorf("while the failed Create's place is pending: %v, want ErrLimitReached", err)
+	}
+	later := now.Add(livePending)
+	countLive(t, s, "u", later, 0)
+	done := newKey(t, "u", later)
+	if err := s.CreateLimited(ctx, done, 1, later); err != nil {
+		t.Fatalf("after the pending place lapsed: %v", err)
+	}
+	countLive(t, s, "u", later.Add(2*livePending), 1)
+	score, err := rdb.ZScore(ctx, "pending:live:{"+ownerHash("u")+"}", done.ID).Result()
+	if err != nil || int64(score) != done.ExpiresAt.UnixMilli() {
+		t.Errorf("confirmed score %v, %v; want the key's end %d", score, err, done.ExpiresAt.UnixMilli())
+	}
 }

@@ -391,11 +391,13 @@ func (s *RedisStore) CreateLimited(ctx context.Context, k *Key, limit int, now t
 
 	// 0. A retry of a Create that completed changes nothing, and must not
 	// count the key again: it may have been revoked since.
-	switch done, err := s.created(ctx, k, digestHex); {
+	switch stored, err := s.created(ctx, k, digestHex); {
 	case err != nil:
 		return err
-	case done:
-		return nil
+	case stored != nil:
+		// Confirm its place again, from the stored record (a revoked key
+		// gets its past end: it does not count).
+		return s.confirmLive(ctx, stored)
 	}
 	if err := s.reserveLive(ctx, k, limit, now); err != nil {
 		return err
@@ -442,33 +444,33 @@ func (s *RedisStore) CreateLimited(ctx context.Context, k *Key, limit int, now t
 			return ErrConflict
 		}
 	}
-	return nil
+	return s.confirmLive(ctx, k)
 }
 
-// created reports whether k is stored completely already: its ID names its
-// digest, whose record is k's. An ID or record of another key gives
-// ErrConflict.
-func (s *RedisStore) created(ctx context.Context, k *Key, digestHex string) (bool, error) {
+// created returns k's stored record if k is stored completely already: its
+// ID names its digest, whose record is k's; else nil. An ID or record of
+// another key gives ErrConflict.
+func (s *RedisStore) created(ctx context.Context, k *Key, digestHex string) (*Key, error) {
 	cur, err := s.c.Get(ctx, s.idKey(k.ID)).Result()
 	switch {
 	case errors.Is(err, redis.Nil):
-		return false, nil
+		return nil, nil
 	case err != nil:
-		return false, fmt.Errorf("keystore: redis create key (read id): %w", err)
+		return nil, fmt.Errorf("keystore: redis create key (read id): %w", err)
 	}
 	if d, err := ParseDigest(cur); err != nil || !d.Equal(k.Digest) {
-		return false, ErrConflict
+		return nil, ErrConflict
 	}
 	existing, err := s.getRecord(ctx, digestHex)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		return false, nil // an interrupted Create: finish it
+		return nil, nil // an interrupted Create: finish it
 	case err != nil:
-		return false, err
+		return nil, err
 	case existing.ID != k.ID:
-		return false, ErrConflict
+		return nil, ErrConflict
 	}
-	return true, nil
+	return existing, nil
 }
 
 // getRecord reads and decodes the record at <ns>:digest:<digestHex>.

@@ -13,6 +13,14 @@ package keystore
 // (ZADD) along with the expiry of its id key (see syncExpiry). CountLive
 // counts the members whose end is after now.
 //
+// The record lives in another slot than the index, so a Create cannot
+// publish it and confirm its place in one step. The reservation is
+// therefore pending at first: its score is at most livePending after now,
+// so a Create that fails after reserving (a timeout, a crash) holds its
+// place only that long, however the failure looks from here. Once the
+// record is written, Create confirms the place with the key's real end.
+// A retry of the Create confirms it again.
+//
 // An owner whose index is not ready yet (keys written by an older version)
 // has it built once from List, then marked ready; until it is, the scripts
 // answer -1 and the caller builds it.
@@ -21,6 +29,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -64,6 +73,41 @@ end
 redis.call('SET', KEYS[2], '1')
 return 1
 `)
+
+// livePending bounds how long the reservation of a Create that never
+// finished holds a place under the owner's limit.
+const livePending = time.Minute
+
+// pendingScore returns the score of k's reservation made at now: its end,
+// but at most livePending after now.
+func pendingScore(k *Key, now time.Time) string {
+	pending := nowMillis(now.Add(livePending))
+	if ms, ok := liveEndMillis(k); ok && ms < pending {
+		pending = ms
+	}
+	return strconv.FormatInt(pending, 10)
+}
+
+// confirmLive gives k's member in the live index its real end, once k's
+// record is stored. It retries once with a fresh deadline, as ctx may be
+// spent by then.
+func (s *RedisStore) confirmLive(ctx context.Context, k *Key) error {
+	key := s.liveKey(k.Owner)
+	zadd := func(ctx context.Context) error {
+		return s.write(ctx, key, func(p redis.Cmdable) redis.Cmder {
+			return p.ZAdd(ctx, key, redis.Z{Score: liveScoreFloat(k), Member: k.ID})
+		})
+	}
+	if zadd(ctx) == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.readTimeoutOrDefault())
+	defer cancel()
+	if err := zadd(ctx); err != nil {
+		return fmt.Errorf("keystore: redis create key (confirm live index): %w", err)
+	}
+	return nil
+}
 
 // initLive builds owner's live index from its listed keys, once.
 func (s *RedisStore) initLive(ctx context.Context, owner string, now time.Time) error {
@@ -141,7 +185,7 @@ func (s *RedisStore) CountLive(ctx context.Context, owner string, now time.Time)
 // reserveLive reserves k's place in its owner's live index, or answers
 // ErrLimitReached.
 func (s *RedisStore) reserveLive(ctx context.Context, k *Key, limit int, now time.Time) error {
-	n, err := s.liveScript(ctx, reserveLiveScript, k.Owner, now, true, k.ID, liveScore(k), nowMillis(now), limit)
+	n, err := s.liveScript(ctx, reserveLiveScript, k.Owner, now, true, k.ID, pendingScore(k, now), nowMillis(now), limit)
 	switch {
 	case err != nil:
 		return fmt.Errorf("keystore: redis create key (live index): %w", err)
@@ -152,9 +196,9 @@ func (s *RedisStore) reserveLive(ctx context.Context, k *Key, limit int, now tim
 }
 
 // releaseLive gives up k's reserved place after its Create was refused for
-// certain (not when a write may or may not have landed: then the place
-// stays, counting high rather than low). Best effort, with a fresh
-// deadline: ctx may be spent.
+// certain (not when a write may or may not have landed: then the pending
+// place lapses by itself). Best effort, with a fresh deadline: ctx may be
+// spent.
 func (s *RedisStore) releaseLive(ctx context.Context, k *Key) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.readTimeoutOrDefault())
 	defer cancel()

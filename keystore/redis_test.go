@@ -964,9 +964,12 @@ func testCreateInterruptedAtEachStep(t *testing.T, newClient func() redis.Univer
 				if listed := listAll(t, s, "user-1", 10); !slices.Equal(listed, []string{k.ID}) {
 					t.Errorf("after retry listed %v", listed)
 				}
+				// Its place under the limit is confirmed, not pending.
+				countLive(t, s, "user-1", time.Now().Add(2*livePending), 1)
 				if _, err := s.Revoke(ctx, k.ID, time.Now()); err != nil {
 					t.Errorf("Revoke after retry: %v", err)
 				}
+				countLive(t, s, "user-1", time.Now().Add(time.Millisecond), 0)
 			})
 		}
 	}
