@@ -142,7 +142,7 @@ func roundRobinUntil(t *target, conns int, n int64, deadline time.Time, next *at
 		wg.Go(func() {
 			c := &client{addr: t.addr}
 			defer c.close()
-			local := make([]time.Duration, 0, n/int64(conns)+1)
+			local := make([]time.Duration, 0, min(n/int64(conns)+1, 1<<16))
 			for requests.Add(1) <= n && (deadline.IsZero() || time.Now().Before(deadline)) {
 				i := next.Add(1) % int64(len(t.requests))
 				t0 := time.Now()
