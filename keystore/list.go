@@ -6,7 +6,7 @@ import "context"
 // when its caller gives no bound: enough to fill a page of a common filter
 // at once, small enough that a listing costs about the same for an owner
 // with ten keys and for one with a hundred thousand revoked ones.
-const DefaultListScan = 200
+const DefaultListScan = 50
 
 // maxListSkip bounds how many index entries without a record (keys deleted
 // by retention, interrupted Creates) one List call walks past before it
