@@ -31,13 +31,26 @@ func TestIdleClockParks(t *testing.T) {
 	if used := processCPU() - cpu0; used > 20*time.Millisecond {
 		t.Errorf("parked clock: the process used %v of CPU in 500ms", used)
 	}
-	before := time.Now().UnixNano()
-	if got := c.NowNano(); got < before {
-		t.Errorf("first read after parking returned a stale time (%v old)", time.Duration(before-got))
+	// A burst of reads (a background pass) gets the precise time and
+	// leaves it parked.
+	for range 1000 {
+		before := time.Now().UnixNano()
+		if got := c.NowNano(); got < before {
+			t.Fatalf("a read of the parked clock returned a stale time (%v old)", time.Duration(before-got))
+		}
 	}
-	time.Sleep(20 * time.Millisecond)
+	time.Sleep(5 * time.Millisecond)
+	if !c.parked.Load() {
+		t.Error("a burst of reads woke the clock")
+	}
+	// Reads spread over more than wakeAfter (requests) wake it.
+	for range 3 {
+		c.NowNano()
+		time.Sleep(wakeAfter / 2)
+	}
+	time.Sleep(2 * time.Millisecond) // less than parkAfter ticks
 	if c.parked.Load() {
-		t.Error("the clock did not wake up on a read")
+		t.Error("reads spread over time did not wake the clock")
 	}
 	if d := time.Now().UnixNano() - c.NowNano(); d > int64(50*time.Millisecond) {
 		t.Errorf("clock off by %v after waking", time.Duration(d))
