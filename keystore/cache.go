@@ -226,6 +226,7 @@ type CachedStore struct {
 	bulk        bulkReader      // inner, if it reads many digests at once
 	ver         versionReader   // inner, if it keeps a records version
 	versions    []versionSample // of the refresh loop's passes, oldest first
+	lastFull    int64           // when the refresh last ignored the version (preciseNano)
 	preciseNano func() int64
 	raw         rawReader    // inner, if it can also hand records undecoded
 	seed        maphash.Seed // of the records' checksums
@@ -640,6 +641,10 @@ func (c *CachedStore) refreshTick() time.Duration {
 // the precise time its read returned.
 type versionSample struct{ at, v int64 }
 
+// fullRefreshEvery is how often the refresh re-reads every record in use
+// even though the records version says nothing changed.
+const fullRefreshEvery = time.Minute
+
 // maxVersionSamples bounds the history of versions the refresh keeps:
 // a few minutes of refresh passes, far more than a record waits to be
 // refreshed.
@@ -670,6 +675,13 @@ func (c *CachedStore) unchangedSince() (since int64, ok bool) {
 		return since, true
 	}
 	c.markUp()
+	if now := c.preciseNano(); now-c.lastFull >= int64(fullRefreshEvery) {
+		// A full pass now and then, whatever the version says: a change
+		// that did not move it (a hand edit, an instance of an earlier
+		// version) is served for at most fullRefreshEvery plus TTL.
+		c.lastFull = now
+		c.versions = c.versions[:0]
+	}
 	// The earliest pass that saw the same version: nothing changed between
 	// the end of its read and now. A record whose read started after that
 	// is current. (The version read of that pass ended at a precise time;

@@ -476,6 +476,30 @@ func TestCacheRefreshByVersion(t *testing.T) {
 	if got := lookupOK(t, f.cache, keys[7].Digest); got.Active(time.Now().Add(time.Second)) {
 		t.Error("a record revoked behind the cache's back is still served as active two passes later")
 	}
+
+	// A hand edit does not move the version: it is served until the next
+	// full pass, at most fullRefreshEvery later.
+	k := keys[9]
+	k.RevokedAt = new(time.Time)
+	*k.RevokedAt = time.Now().UTC().Truncate(time.Millisecond)
+	rec, err := encodeKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.rdb.Set(context.Background(), "c:digest:"+k.Digest.String(), rec, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	pass()
+	pass()
+	if got := lookupOK(t, f.cache, k.Digest); !got.Active(time.Now().Add(time.Second)) {
+		t.Log("the hand edit was seen before a full pass (a full pass fell in; fine)")
+	}
+	f.clock.Advance(fullRefreshEvery)
+	pass()
+	pass()
+	if got := lookupOK(t, f.cache, k.Digest); got.Active(time.Now().Add(time.Second)) {
+		t.Error("a hand edit that did not move the version is still served after a full refresh pass")
+	}
 }
 
 func TestCacheMintedKeyCached(t *testing.T) {
