@@ -168,6 +168,55 @@ func roundRobinUntil(t *target, conns int, n int64, deadline time.Time, next *at
 	return r
 }
 
+// roundRobinRate sends n requests, every key in turn, at rate requests a
+// second on a fixed schedule over up to conns connections (open loop), so
+// that every configuration serves the same request rate: a server's CPU
+// time per request depends on how many requests each wake-up finds, so
+// closed-loop runs at different throughputs are not like for like.
+func roundRobinRate(t *target, conns int, n int64, rate float64, next *atomic.Int64) result {
+	interval := time.Duration(float64(time.Second) / rate)
+	jobs := make(chan time.Duration, conns*4)
+	var (
+		wg   sync.WaitGroup
+		errs atomic.Int64
+		mu   sync.Mutex
+		lats []time.Duration
+	)
+	start := time.Now()
+	for range conns {
+		wg.Go(func() {
+			c := &client{addr: t.addr}
+			defer c.close()
+			local := make([]time.Duration, 0, min(n/int64(conns)+1, 1<<16))
+			for due := range jobs {
+				i := next.Add(1) % int64(len(t.requests))
+				status, err := c.do(t.requests[i])
+				local = append(local, time.Since(start)-due)
+				if err != nil || status != 200 {
+					errs.Add(1)
+				}
+			}
+			mu.Lock()
+			lats = append(lats, local...)
+			mu.Unlock()
+		})
+	}
+	for i := range n {
+		due := time.Duration(i) * interval
+		if wait := due - time.Since(start); wait > 0 {
+			time.Sleep(wait)
+		}
+		jobs <- due
+	}
+	close(jobs)
+	wg.Wait()
+	elapsed := time.Since(start)
+	r := result{Requests: int64(len(lats)), Errors: errs.Load(), Duration: elapsed}
+	r.RPS = float64(r.Requests) / elapsed.Seconds()
+	r.setPercentiles(lats)
+	return r
+}
+
 // measureCPU runs n round-robin requests against c and reads the Caddy
 // process's CPU time, Redis's command count and the GC's CPU time around
 // them.
@@ -182,7 +231,12 @@ func measureCPU(c *config, conns int, n int64, next *atomic.Int64, redisCmds fun
 	if err != nil {
 		return cpuResult{}, err
 	}
-	r := roundRobin(c.target, conns, n, next)
+	var r result
+	if *flagCPURate > 0 {
+		r = roundRobinRate(c.target, max(conns, 64), n, *flagCPURate, next)
+	} else {
+		r = roundRobin(c.target, conns, n, next)
+	}
 	cpu1, err := procCPU(pid)
 	if err != nil {
 		return cpuResult{}, err
@@ -314,9 +368,13 @@ func (r *report) cpuMarkdown(b *strings.Builder) {
 	if len(r.CPU) == 0 {
 		return
 	}
-	fmt.Fprintf(b, "\nCPU time per request: %d rounds (configurations alternated), %d requests per run over %d connections, every one of the %d keys used in turn (round-robin); "+
+	load := fmt.Sprintf("closed loop over %d connections", r.CPUConns)
+	if r.CPURate > 0 {
+		load = fmt.Sprintf("open loop at %.0f requests/s", r.CPURate)
+	}
+	fmt.Fprintf(b, "\nCPU time per request: %d rounds (configurations alternated), %d requests per run, %s, every one of the %d keys used in turn (round-robin); "+
 		"utime+stime of the Caddy process from /proc/<pid>/stat; idle: %s with no requests after the last round; live heap after a forced GC.\n\n",
-		r.Rounds, r.CPURequests, r.CPUConns, r.Keys, r.IdleFor)
+		r.Rounds, r.CPURequests, load, r.Keys, r.IdleFor)
 	b.WriteString("| configuration | CPU/request, median (min-max) | added vs bare (medians) | ratio vs bare (medians; paired) | req/s | p99 | Redis cmds/request | GC share of CPU | idle CPU (share of a core) | live heap | heap per key vs bare | errors |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, s := range r.CPU {

@@ -75,6 +75,7 @@ var (
 	flagPhases   = flag.String("phases", "peak,latency,cpu", "phases to run, comma-separated: peak (closed-loop throughput), latency (open loop), cpu (CPU time per request)")
 	flagCPUReqs  = flag.Int64("cpu-requests", 40000, "requests per run of the cpu phase")
 	flagCPUConns = flag.Int("cpu-conns", 16, "connections of the cpu phase")
+	flagCPURate  = flag.Float64("cpu-rate", 0, "send the cpu phase's requests open loop at this rate (requests/s) instead of closed loop")
 	flagIdle     = flag.Duration("idle", 10*time.Second, "after the cpu phase, measure each Caddy's CPU use with no requests for this long (0: skip)")
 	flagNoCache  = flag.Bool("nocache", true, "also measure the apikeys guard with its cache off")
 )
@@ -294,7 +295,7 @@ func run(ctx context.Context) error {
 	}
 
 	rep := newReport(configs, runs, lat, rate, time.Since(started))
-	rep.CPU, rep.CPURequests, rep.CPUConns, rep.IdleFor = cpu, *flagCPUReqs, *flagCPUConns, flagIdle.String()
+	rep.CPU, rep.CPURequests, rep.CPUConns, rep.IdleFor, rep.CPURate = cpu, *flagCPUReqs, *flagCPUConns, flagIdle.String(), *flagCPURate
 	rep.Targets = append(rep.Targets, cpuTargets(cpu)...)
 	if err := rep.write(*flagOut); err != nil {
 		return err

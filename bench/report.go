@@ -31,6 +31,7 @@ type report struct {
 	CPU         []cpuSummary `json:"cpu,omitempty"`
 	CPURequests int64        `json:"cpu_requests_per_run,omitempty"`
 	CPUConns    int          `json:"cpu_connections,omitempty"`
+	CPURate     float64      `json:"cpu_open_loop_rate,omitempty"`
 	IdleFor     string       `json:"idle_measured_for,omitempty"`
 }
 
