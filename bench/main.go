@@ -582,9 +582,14 @@ func cpuProfile(c *config, d time.Duration, seed uint64) error {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		// Every key in turn, as in the cpu phase.
+		// Every key in turn, as in the cpu phase (at its rate, if set:
+		// then profiles of the configurations compare per request).
 		var next atomic.Int64
-		roundRobinUntil(c.target, *flagCPUConns, 1<<62, time.Now().Add(d+2*time.Second), &next)
+		if *flagCPURate > 0 {
+			roundRobinRate(c.target, max(*flagCPUConns, 64), int64(*flagCPURate*(d+2*time.Second).Seconds()), *flagCPURate, &next)
+		} else {
+			roundRobinUntil(c.target, *flagCPUConns, 1<<62, time.Now().Add(d+2*time.Second), &next)
+		}
 	}()
 	time.Sleep(time.Second)
 	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.admin, int(d.Seconds()))
