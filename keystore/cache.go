@@ -227,6 +227,8 @@ type CachedStore struct {
 	ver         versionReader   // inner, if it keeps a records version
 	versions    []versionSample // of the refresh loop's passes, oldest first
 	lastFull    int64           // when the refresh last ignored the version (preciseNano)
+	walkedSince int64           // the coverage the refresh last walked the records for
+	conf        atomic.Pointer[confirmation]
 	preciseNano func() int64
 	raw         rawReader    // inner, if it can also hand records undecoded
 	seed        maphash.Seed // of the records' checksums
@@ -425,7 +427,7 @@ func (c *CachedStore) Lookup(ctx context.Context, d Digest) (CachedKey, error) {
 			return e, nil
 		}
 		// Too old to be served while the store is reachable.
-		age := now - e.st.loadedAt.Load()
+		age := now - c.confirmedAt(e.st)
 		if !c.down.Load() {
 			c.obs.CacheLookup(LookupMiss)
 			fresh, err := c.reload(ctx, d)
@@ -481,7 +483,7 @@ func (c *CachedStore) servable(e CachedKey, now int64, gen uint64) bool {
 	if now-st.lastUsed.Load() >= usedResolution {
 		st.lastUsed.Store(now)
 	}
-	age := now - st.loadedAt.Load()
+	age := now - c.confirmedAt(st)
 	if age < c.refresh.Load() {
 		c.obs.CacheLookup(LookupHit)
 		return true
@@ -696,15 +698,68 @@ func (c *CachedStore) unchangedSince() (since int64, ok bool) {
 	return since, true
 }
 
+// confirmation says that every record read from the store at or after
+// since (cache clock) was still current at at: the store's records version
+// had not moved (see unchangedSince).
+// prev is the last confirmation of the previous since, which stays true
+// for the records it covered until they are read again.
+type confirmation struct {
+	since, at int64
+	prev      *confirmation
+}
+
+// confirmedAt returns the latest time at which the record of st is known to
+// have been current: when it was read, or the last confirmation that covers
+// it.
+func (c *CachedStore) confirmedAt(st *entryState) int64 {
+	best := st.loadedAt.Load()
+	loaded := best
+	for cf := c.conf.Load(); cf != nil; cf = cf.prev {
+		if loaded >= cf.since && cf.at > best {
+			best = cf.at
+		}
+	}
+	return best
+}
+
+// confirm records that the records read at or after since were current at
+// at.
+func (c *CachedStore) confirm(since, at int64) {
+	next := &confirmation{since: since, at: at}
+	if cur := c.conf.Load(); cur != nil {
+		if cur.since == since {
+			next.prev = cur.prev
+		} else {
+			next.prev = &confirmation{since: cur.since, at: cur.at}
+		}
+	}
+	c.conf.Store(next)
+}
+
 // refreshDue re-reads every record in use that is older than Refresh,
 // except those the store's records version shows unchanged since they were
-// read: those are renewed without a read.
+// read: one confirmation covers those, without a read and without a visit.
+// The records are walked only when there may be records to re-read: when
+// the version moved, after a full pass (see unchangedSince), and when
+// there is no version.
 func (c *CachedStore) refreshDue() {
 	now, refresh, gen := c.nowNano(), c.refresh.Load(), c.gen.Load()
 	since, ok := c.unchangedSince()
 	if !ok {
 		return
 	}
+	// A full pass (since unknown) keeps the last confirmation: it is still
+	// true, and the records it covers stay servable while they are read.
+	if since != math.MaxInt64 {
+		// now was read before the version: the records were current then.
+		c.confirm(since, now)
+		if since == c.walkedSince {
+			// Walked already for this coverage: records read before since
+			// and due were re-read then; those read since are covered.
+			return
+		}
+	}
+	c.walkedSince = since
 	var (
 		due   []Digest
 		olds  []CachedKey
@@ -713,17 +768,18 @@ func (c *CachedStore) refreshDue() {
 	for d, e := range c.pos.All() {
 		st := e.st
 		loaded := st.loadedAt.Load()
-		if used := st.lastUsed.Load(); st.gen.Load() == gen && used != 0 && now-used < int64(WarmFor) && now-loaded >= refresh {
+		if used := st.lastUsed.Load(); st.gen.Load() == gen && used != 0 && now-used < int64(WarmFor) {
 			if loaded >= since {
-				// Current as of the version read, which began after now.
-				st.loadedAt.Store(now)
+				// Covered by the confirmation. Keep it in memory.
 				if c.memoryDue(st, now) {
 					renew = append(renew, d)
 				}
 				continue
 			}
-			due = append(due, d)
-			olds = append(olds, e)
+			if now-loaded >= refresh {
+				due = append(due, d)
+				olds = append(olds, e)
+			}
 		}
 	}
 	for _, d := range renew {
@@ -753,6 +809,12 @@ func (c *CachedStore) memoryDue(st *entryState, now int64) bool {
 func (c *CachedStore) refreshBatch(ds []Digest, olds []CachedKey) {
 	gen := c.gen.Load()
 	loadedAt := c.nowNano()
+	if n := len(c.versions); n > 0 {
+		// The read starts after the last version read ended: stamping it
+		// with that precise time (the cache's clock may lag) keeps it
+		// covered by the confirmations that follow.
+		loadedAt = max(loadedAt, c.versions[n-1].at)
+	}
 	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.timeout.Load()))
 	nexts, err := c.readBatch(ctx, ds, olds, loadedAt, gen)
 	cancel()

@@ -384,18 +384,18 @@ func TestCacheKeepsUsedRecordsWarm(t *testing.T) {
 	e, _ := f.cache.pos.GetIfPresent(k.Digest)
 	for range 3 {
 		f.clock.Advance(time.Second)
-		from := e.st.loadedAt.Load()
-		waitFor(t, "a background refresh", func() bool { return e.st.loadedAt.Load() > from })
+		from := f.cache.confirmedAt(e.st)
+		waitFor(t, "a background refresh", func() bool { return f.cache.confirmedAt(e.st) > from })
 	}
 	waitFor(t, "the record in use to be kept fresh", func() bool {
-		return f.clock.Now().UnixNano()-e.st.loadedAt.Load() < int64(time.Second)
+		return f.clock.Now().UnixNano()-f.cache.confirmedAt(e.st) < int64(time.Second)
 	})
 
 	// An unchanged record is not decoded again: its entry is renewed in
 	// place. A changed one is replaced.
 	f.clock.Advance(time.Second)
-	renewedFrom := e.st.loadedAt.Load()
-	waitFor(t, "the entry to be renewed", func() bool { return e.st.loadedAt.Load() > renewedFrom })
+	renewedFrom := f.cache.confirmedAt(e.st)
+	waitFor(t, "the entry to be renewed", func() bool { return f.cache.confirmedAt(e.st) > renewedFrom })
 	if e2, _ := f.cache.pos.GetIfPresent(k.Digest); e2.st != e.st || unsafe.StringData(e2.text) != unsafe.StringData(e.text) {
 		t.Error("an unchanged record was decoded again")
 	}
@@ -438,10 +438,10 @@ func TestCacheRefreshByVersion(t *testing.T) {
 		t.Helper()
 		f.clock.Advance(300 * time.Millisecond)
 		e, _ := f.cache.pos.GetIfPresent(keys[0].Digest)
-		from := e.st.loadedAt.Load()
+		from := f.cache.confirmedAt(e.st)
 		waitFor(t, "a refresh pass", func() bool {
 			e, _ := f.cache.pos.GetIfPresent(keys[0].Digest)
-			return e.st != nil && e.st.loadedAt.Load() > from
+			return e.st != nil && f.cache.confirmedAt(e.st) > from
 		})
 		time.Sleep(150 * time.Millisecond) // the pass ends
 	}
