@@ -2,7 +2,6 @@ package apikeys
 
 import (
 	"fmt"
-	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
@@ -254,24 +253,24 @@ func (h *Handler) unmarshalStore(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// checkRedisURL refuses a literal password, which would land in the
-// adapted JSON. A URL that is a placeholder is checked at provision time.
+// checkRedisURL refuses a URL that carries a password unless the whole
+// URL is one placeholder: anything else lands in the adapted JSON. It finds
+// the password as the Redis client will (keystore.RedisURLHasPassword), so
+// no spelling hides it. A URL that is a placeholder is checked at
+// provision time.
 func checkRedisURL(raw string) error {
 	if isPlaceholder(raw) {
 		return nil
 	}
-	if keystore.IsSentinelURL(raw) {
-		return checkSentinelURL(raw)
+	has, err := keystore.RedisURLHasPassword(raw)
+	if err != nil && strings.Contains(raw, "{") {
+		return fmt.Errorf("store redis: a URL with a placeholder inside must still parse as a URL; to take a password from the environment, give the whole URL as one placeholder ({env.NAME})")
 	}
-	u, err := url.Parse(raw)
 	if err != nil {
-		return fmt.Errorf("store redis: invalid URL")
+		return fmt.Errorf("store redis: %s", strings.TrimPrefix(err.Error(), "keystore: "))
 	}
-	if u.Scheme != "redis" && u.Scheme != "rediss" {
-		return fmt.Errorf("store redis: URL scheme must be redis:// or rediss://, got %q", u.Scheme)
-	}
-	if _, has := u.User.Password(); has && !strings.Contains(raw, "{") {
-		return fmt.Errorf("store redis: put URLs with a password in an environment variable and write {env.NAME}, so the password stays out of the adapted config")
+	if has {
+		return fmt.Errorf("store redis: a URL with a password must be given whole as a placeholder: put it in an environment variable and write {env.NAME}, so the password stays out of the adapted config")
 	}
 	return nil
 }
@@ -506,23 +505,6 @@ func (c *StoreConfig) unmarshalWaitReplicas(d *caddyfile.Dispenser) error {
 			return d.Errf("wait_replicas: timeout %q is not a positive duration", args[1])
 		}
 		c.WaitTimeout = caddy.Duration(dur)
-	}
-	return nil
-}
-
-// checkSentinelURL refuses a Sentinel URL of another scheme or with a
-// literal password (in the user info or as sentinel_password).
-func checkSentinelURL(raw string) error {
-	scheme, rest, _ := strings.Cut(raw, "://")
-	if scheme != "redis+sentinel" {
-		return fmt.Errorf("store redis: Sentinel URL scheme must be redis+sentinel://, got %q", scheme)
-	}
-	authority, _, _ := strings.Cut(rest, "/")
-	userinfo, _, hasUser := strings.Cut(authority, "@")
-	_, query, _ := strings.Cut(rest, "?")
-	q, _ := url.ParseQuery(query)
-	if hasUser && strings.Contains(userinfo, ":") || q.Get("sentinel_password") != "" {
-		return fmt.Errorf("store redis: put URLs with a password in an environment variable and write {env.NAME}, so the password stays out of the adapted config")
 	}
 	return nil
 }

@@ -218,8 +218,12 @@ func (h *Handler) executeMint(ctx context.Context, op *mintOp) *apiError {
 		return startGrace(k, op.key.ID, *op.graceEnd, h.now())
 	})
 	if err != nil {
-		// Do not leave a second working key behind a failed rotation.
-		if _, rerr := h.store.Revoke(ctx, op.key.ID, h.now()); rerr != nil {
+		// Do not leave a second working key behind a failed rotation. The
+		// failed Update may have used up ctx's deadline (or the client gone
+		// away), so the clean-up gets a bounded deadline of its own.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.storeTimeout)
+		defer cancel()
+		if _, rerr := h.store.Revoke(cctx, op.key.ID, h.now()); rerr != nil {
 			h.logger.Error("revoking the new key of a failed rotation failed", zap.String("key_id", op.key.ID), zap.Error(rerr))
 		}
 		var aerr *apiError
@@ -282,7 +286,19 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, cla
 	}
 
 	// The holder went away without finishing: take the record over and
-	// finish the very same key.
+	// finish the very same key, unless it was stored and has changed since
+	// (it was listed, so it may have been revoked): then it is a replay of
+	// a key that no longer validates as announced.
+	switch k, err := h.store.Get(ctx, op.key.ID); {
+	case errors.Is(err, keystore.ErrNotFound): // not stored yet
+	case err != nil:
+		h.logger.Error("loading the key of an abandoned idempotent request failed", zap.Error(err))
+		return writeError(w, errStoreUnavailable)
+	default:
+		if aerr := h.asAnnounced(k, op.key); aerr != nil {
+			return writeError(w, aerr)
+		}
+	}
 	token, err := randomToken()
 	if err != nil {
 		return err
@@ -302,9 +318,8 @@ func (h *Handler) answerExisting(w http.ResponseWriter, ctx context.Context, cla
 }
 
 // replayable loads the key a stored response announced and checks that it
-// still validates as the response says: not revoked, expired or rotated,
-// with the same scopes and expiry. Otherwise the raw key is not shown
-// again.
+// still validates as the response says (see asAnnounced). Otherwise the raw
+// key is not shown again.
 func (h *Handler) replayable(ctx context.Context, announced *keystore.Key) (*keystore.Key, *apiError) {
 	k, err := h.store.Get(ctx, announced.ID)
 	switch {
@@ -313,35 +328,43 @@ func (h *Handler) replayable(ctx context.Context, announced *keystore.Key) (*key
 	case err != nil:
 		h.logger.Error("loading the key of an idempotent replay failed", zap.Error(err))
 		return nil, errStoreUnavailable
-	case k.Owner != announced.Owner || !k.Digest.Equal(announced.Digest):
-		return nil, replayUnavailable(announced.ID, "deleted")
+	}
+	return k, h.asAnnounced(k, announced)
+}
+
+// asAnnounced checks that the stored key k is the announced one and still
+// validates as announced: not revoked, expired or rotated, with the same
+// scopes and expiry.
+func (h *Handler) asAnnounced(k, announced *keystore.Key) *apiError {
+	if k.Owner != announced.Owner {
+		// (Not the digest: a key minted under a previous secret has that
+		// secret's digest.)
+		return replayUnavailable(announced.ID, "deleted")
 	}
 	if st := k.Status(h.now()); st != keystore.StatusActive {
-		return nil, replayUnavailable(k.ID, st)
+		return replayUnavailable(k.ID, st)
 	}
 	if !slices.Equal(k.Scopes, announced.Scopes) || (k.Scopes == nil) != (announced.Scopes == nil) ||
 		!sameTime(k.ExpiresAt, announced.ExpiresAt) {
-		return nil, replayUnavailable(k.ID, "changed")
+		return replayUnavailable(k.ID, "changed")
 	}
-	return k, nil
+	return nil
 }
 
 // replayUnavailable is the answer to a replay whose key no longer
 // validates as the stored response says (status: revoked, expired,
 // rotating, changed, deleted).
 func replayUnavailable(keyID, status string) *apiError {
-	what := "is " + status
-	switch status {
-	case keystore.StatusRotating:
-		what = "was rotated"
-	case "changed":
-		what = "had its scopes or expiry changed"
-	case "deleted":
-		what = "no longer exists"
-	}
+	what := map[string]string{
+		keystore.StatusRevoked:  "has been revoked",
+		keystore.StatusExpired:  "has expired",
+		keystore.StatusRotating: "has been rotated",
+		"changed":               "has had its scopes or expiry changed",
+		"deleted":               "no longer exists",
+	}[status]
 	return &apiError{status: http.StatusConflict, code: "idempotency_replay_unavailable",
 		message: "Key " + keyID + ", created by the request with this Idempotency-Key, " + what +
-			" since; its key is not shown again. Use a new Idempotency-Key to create another key."}
+			"; its key is not shown again. Use a new Idempotency-Key to create another key."}
 }
 
 func sameTime(a, b *time.Time) bool {

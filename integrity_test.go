@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -14,9 +15,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"go.uber.org/zap"
 
 	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
 // This file tests the integrity of the management API (issue 10): exact
@@ -39,16 +48,27 @@ func (g *gateway) parallelStatuses(n int, build func(i int) request) map[string]
 		go func() {
 			defer wg.Done()
 			<-start
-			r, err := http.NewRequest(req.method, g.base+req.path, strings.NewReader(req.body))
-			if err != nil {
-				panic(err)
+			var (
+				resp *http.Response
+				err  error
+			)
+			// A request with an Idempotency-Key is resent after a transport
+			// error (right after a reload the old server may reset a
+			// connection), as a careful client would: it is safe.
+			for attempt := 0; attempt < 3; attempt++ {
+				r, rerr := http.NewRequest(req.method, g.base+req.path, strings.NewReader(req.body))
+				if rerr != nil {
+					panic(rerr)
+				}
+				r.Header.Set("Authorization", "Bearer "+req.bearer)
+				r.Header.Set("Content-Type", "application/json")
+				for k, v := range req.header {
+					r.Header.Set(k, v)
+				}
+				if resp, err = g.client.Do(r); err == nil || req.header["Idempotency-Key"] == "" {
+					break
+				}
 			}
-			r.Header.Set("Authorization", "Bearer "+req.bearer)
-			r.Header.Set("Content-Type", "application/json")
-			for k, v := range req.header {
-				r.Header.Set(k, v)
-			}
-			resp, err := g.client.Do(r)
 			key := "error"
 			if err == nil {
 				body, _ := io.ReadAll(resp.Body)
@@ -87,8 +107,9 @@ func TestKeyLimitParallel(t *testing.T) {
 					}
 				}
 				tok := dashboardToken(t, tc.owner)
-				seen := g.parallelStatuses(tc.n, func(int) request {
-					return request{method: "POST", path: "/v1/apikeys", bearer: tok, body: `{"name":"k"}`}
+				seen := g.parallelStatuses(tc.n, func(i int) request {
+					return request{method: "POST", path: "/v1/apikeys", bearer: tok, body: `{"name":"k"}`,
+						header: idem(fmt.Sprintf("%s-%d", tc.owner, i))}
 				})
 				want := map[string]int{"201 ": tc.limit, "409 key_limit_reached": tc.n - tc.limit}
 				if fmt.Sprint(seen) != fmt.Sprint(want) {
@@ -124,7 +145,13 @@ var allMethods = []string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 // changes nothing; OPTIONS gets the preflight with the same Allow; the
 // documented ones reach their endpoint.
 func TestManagementMethods(t *testing.T) {
-	g := startGateway(t, "file", "")
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) { testManagementMethods(t, kind) })
+	}
+}
+
+func testManagementMethods(t *testing.T, kind string) {
+	g := startGateway(t, kind, "")
 	alice := dashboardToken(t, "alice")
 	k := g.create("alice", `{"name":"target"}`)
 	before, _ := g.list("alice", "")
@@ -302,6 +329,20 @@ func TestReplayIntegrity(t *testing.T) {
 				refused("rotation replay after its key was revoked", post(admin, "/v1/apikeys/"+patched.KeyID+"/rotate", "rot-2", ""), 409, "idempotency_replay_unavailable")
 			})
 
+			t.Run("no takeover of a key that changed", func(t *testing.T) {
+				// A request that died after storing its key leaves a pending
+				// record; the key is listed, and revoked, before a retry
+				// takes the record over.
+				body := `{"name":"ci","scopes":["analytics:read"],"expires_in_days":30}`
+				_, sealed := sealedPending(t, g.store, "acme", "abandoned-1", body, true)
+				var announced struct{ Data createdKey }
+				_ = json.Unmarshal(sealed, &announced)
+				if r := g.do(request{method: "DELETE", path: "/v1/apikeys/" + announced.Data.KeyID, bearer: admin}); r.status != 200 {
+					t.Fatalf("revoke: %d %s", r.status, r.body)
+				}
+				refused("takeover after revoke", post(admin, "/v1/apikeys", "abandoned-1", body), 409, "idempotency_replay_unavailable")
+			})
+
 			t.Run("fingerprint is the meaning", func(t *testing.T) {
 				first := post(admin, "/v1/apikeys", "meaning-1", `{"name":"ci","scopes":["analytics:read"],"expires_in_days":30}`)
 				if first.status != 201 {
@@ -452,6 +493,222 @@ func TestValidateWarnsJWKSWithoutAudience(t *testing.T) {
 		warned := strings.Contains(string(out), "jwks is set without audience")
 		if warned != tc.warn {
 			t.Errorf("%q: warned=%v, want %v:\n%s", tc.audience, warned, tc.warn, out)
+		}
+	}
+}
+
+// TestRedisURLPasswordOnlyFromAPlaceholder: a Redis URL that carries a
+// password must be one placeholder as a whole; the Caddyfile finds the
+// password where the Redis client does, however the URL is spelled.
+func TestRedisURLPasswordOnlyFromAPlaceholder(t *testing.T) {
+	adapt := func(url string) (string, error) {
+		cfg := ":8080 {\n\tapikeys {\n\t\tstore redis " + url + "\n\t}\n}\n"
+		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+		return string(out), err
+	}
+	for _, url := range []string{
+		"redis://:hunter2@127.0.0.1/0?client_name={x}",
+		"redis://:hunter2@127.0.0.1/0?client_name={env.NAME}",
+		"redis+sentinel://user@x:hunter2@127.0.0.1/m",
+		"redis+sentinel://{env.USER}:hunter2@127.0.0.1/m",
+		"redis://:{env.REDIS_PASSWORD}@127.0.0.1/0",
+		"redis+sentinel://127.0.0.1/m?sentinel_password=hunter2&x={y}",
+		"rediss://u:hunter2@127.0.0.1",
+	} {
+		out, err := adapt(url)
+		if err == nil || !strings.Contains(err.Error(), "placeholder") {
+			t.Errorf("%s: adapted (%v): %s", url, err, out)
+		}
+		if err != nil && strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("%s: the error shows the password: %v", url, err)
+		}
+	}
+	for _, url := range []string{
+		"{env.REDIS_URL}",
+		"redis://127.0.0.1/0?client_name={env.NAME}",
+		"redis+sentinel://user@127.0.0.1:26379/m",
+		"redis://user@127.0.0.1/0",
+	} {
+		if _, err := adapt(url); err != nil {
+			t.Errorf("%s: %v", url, err)
+		}
+	}
+}
+
+// storeErrors sums caddy_apikeys_store_errors_total over every operation.
+func storeErrors(t *testing.T) float64 {
+	t.Helper()
+	ch := make(chan prometheus.Metric, 64)
+	go func() { metricStoreErrors.Collect(ch); close(ch) }()
+	var sum float64
+	for m := range ch {
+		var pb dto.Metric
+		if err := m.Write(&pb); err != nil {
+			t.Fatal(err)
+		}
+		sum += pb.GetCounter().GetValue()
+	}
+	return sum
+}
+
+// TestConflictsAreNotStoreErrors: answers such as 409 key_not_active,
+// key_already_rotated, key_limit_reached and 404 come from a working store
+// and do not count as store errors.
+func TestConflictsAreNotStoreErrors(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			g := startGateway(t, kind, "max_keys_per_owner 2")
+			alice := dashboardToken(t, "alice")
+			k := g.create("alice", `{"name":"a"}`)
+			rotated := g.create("alice", `{"name":"b"}`)
+			if r := g.do(request{method: "POST", path: "/v1/apikeys/" + rotated.KeyID + "/rotate", bearer: alice, body: `{}`}); r.status != 409 || r.errCode() != "key_limit_reached" {
+				t.Fatalf("rotate at the limit: %d %s", r.status, r.body)
+			}
+			if r := g.do(request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: alice}); r.status != 200 {
+				t.Fatalf("revoke: %d", r.status)
+			}
+			if r := g.do(request{method: "POST", path: "/v1/apikeys/" + rotated.KeyID + "/rotate", bearer: alice, body: `{}`}); r.status != 201 {
+				t.Fatalf("rotate: %d %s", r.status, r.body)
+			}
+			before := storeErrors(t)
+			for _, tc := range []struct {
+				req  request
+				code string
+			}{
+				{request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"x"}`}, "key_not_active"},
+				{request{method: "POST", path: "/v1/apikeys/" + rotated.KeyID + "/rotate", bearer: alice, body: `{}`}, "key_already_rotated"},
+				{request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"c"}`}, "key_limit_reached"},
+				{request{method: "PATCH", path: "/v1/apikeys/key_doesnotexist", bearer: alice, body: `{"name":"x"}`}, "not_found"},
+				{request{method: "DELETE", path: "/v1/apikeys/" + k.KeyID, bearer: dashboardToken(t, "bob")}, "not_found"},
+			} {
+				if r := g.do(tc.req); r.errCode() != tc.code {
+					t.Errorf("%s %s: %d %s, want %s", tc.req.method, tc.req.path, r.status, r.body, tc.code)
+				}
+			}
+			if after := storeErrors(t); after != before {
+				t.Errorf("store_errors_total went from %v to %v on answers of a working store", before, after)
+			}
+		})
+	}
+}
+
+// hangingUpdates is a real store whose Update of one key hangs until the
+// caller's deadline, as a store that stopped answering would.
+type hangingUpdates struct {
+	keystore.Store
+	id string
+}
+
+func (s hangingUpdates) Update(ctx context.Context, id string, fn func(*keystore.Key) error) (*keystore.Key, error) {
+	if id == s.id {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return s.Store.Update(ctx, id, fn)
+}
+
+// TestRotationCleanupOwnDeadline: when a rotation stores its new key but
+// cannot start the old key's grace period before the request's deadline,
+// the new key is still revoked (under a deadline of its own), so no
+// unannounced key is left working.
+//
+// The store is Redis: its calls honour the context's deadline, where
+// bbolt's ignore it.
+func TestRotationCleanupOwnDeadline(t *testing.T) {
+	srv := testredis.Start(t)
+	real, err := keystore.NewRedis(keystore.RedisOptions{URLs: []string{srv.URL()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer real.Close()
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	old := &keystore.Key{ID: "key_old", Owner: "alice", Name: "k", Prefix: "wbk_00000000",
+		Digest: keystore.Digest{1}, CreatedAt: now}
+	if err := real.Create(t.Context(), old); err != nil {
+		t.Fatal(err)
+	}
+	h := &Handler{store: hangingUpdates{real, old.ID}, logger: zap.NewNop(), now: time.Now, storeTimeout: time.Second}
+	replacement := &keystore.Key{ID: "key_new", Owner: "alice", Name: "k", Prefix: "wbk_11111111",
+		Digest: keystore.Digest{2}, CreatedAt: now, Replaces: old.ID}
+	graceEnd := now.Add(time.Hour)
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	if aerr := h.executeMint(ctx, &mintOp{key: replacement, replaces: old.ID, graceEnd: &graceEnd}); aerr == nil {
+		t.Fatal("the rotation succeeded")
+	}
+	got, err := real.Get(t.Context(), replacement.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Active(time.Now()) {
+		t.Errorf("the new key of the failed rotation still validates: %+v", got)
+	}
+}
+
+// TestIdempotencyKeyKeptOutOfAccessLogs checks the log filter SECURITY.md
+// recommends: with it the access log has no Idempotency-Key; without it
+// (the control) the access log has it.
+func TestIdempotencyKeyKeptOutOfAccessLogs(t *testing.T) {
+	for _, filtered := range []bool{true, false} {
+		dir := t.TempDir()
+		port := freePort(t)
+		format := "format json"
+		if filtered {
+			// As in SECURITY.md.
+			format = "format filter {\n\t\t\twrap json\n\t\t\trequest>headers>Idempotency-Key delete\n\t\t}"
+		}
+		cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+}
+http://127.0.0.1:%[1]d {
+	log {
+		output file %[2]s/access.log
+		%[3]s
+	}
+	apikeys {
+		store file %[2]s/keys.db
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %[4]s
+			audience %[5]s
+		}
+	}
+	respond "ok"
+}
+`, port, dir, format, testIssuer, testAudience)
+		cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Load(cfgJSON, true); err != nil {
+			t.Fatal(err)
+		}
+		const idemKey = "idem-7c1e0b7d-secret-ish"
+		req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/v1/apikeys", port), strings.NewReader(`{"name":"logged"}`))
+		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, "alice"))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", idemKey)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		stopCaddy(t) // flushes and closes the log
+		if resp.StatusCode != 201 {
+			t.Fatalf("create: %d", resp.StatusCode)
+		}
+		logged, err := os.ReadFile(filepath.Join(dir, "access.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(logged), `"uri":"/v1/apikeys"`) {
+			t.Fatalf("no access log line for the request: %s", logged)
+		}
+		if got := strings.Contains(string(logged), idemKey); got == filtered {
+			t.Errorf("filtered=%v: Idempotency-Key in the access log: %v\n%s", filtered, got, logged)
 		}
 	}
 }

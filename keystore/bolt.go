@@ -16,10 +16,10 @@ package keystore
 //	live, livecount                       -> the live-key index (see bolt_live.go)
 //
 // The used, live and livecount buckets were added after format version 1
-// without a version bump: NewBolt creates them in older files (building the
-// live index from the keys there), and older code ignores them. A file
-// written by older code after the live index was built must not be opened
-// by this code again: its index would miss that code's writes.
+// without a version bump: NewBolt creates them in older files, and older
+// code ignores them. NewBolt rebuilds the live index from the keys bucket
+// at every open (one pass over the records, as each sweep makes), so writes
+// made by older code in between are never missed.
 //
 // A background sweeper deletes expired idempotency records and, under
 // retention, keys whose end (Key.End) plus retention has passed: record, ID,
@@ -135,27 +135,16 @@ func newBolt(opts BoltOptions, sweepEvery time.Duration, now func() time.Time) (
 	return s, nil
 }
 
-// initBuckets creates the buckets, builds the live-key index of a file
-// that has none, and checks the format version.
+// initBuckets creates the buckets, rebuilds the live-key index, and checks
+// the format version.
 func initBuckets(tx *bolt.Tx, now time.Time) error {
 	for _, name := range [][]byte{bucketKeys, bucketIDs, bucketOwners, bucketUsed, bucketIdempotency, bucketMeta} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
 		}
 	}
-	switch live, count := tx.Bucket(bucketLive), tx.Bucket(bucketLiveCount); {
-	case live == nil && count == nil:
-		if _, err := tx.CreateBucket(bucketLive); err != nil {
-			return err
-		}
-		if _, err := tx.CreateBucket(bucketLiveCount); err != nil {
-			return err
-		}
-		if err := backfillLive(tx, now); err != nil {
-			return err
-		}
-	case live == nil || count == nil:
-		return errLiveBucketsMissing
+	if err := rebuildLive(tx, now); err != nil {
+		return err
 	}
 	meta := tx.Bucket(bucketMeta)
 	switch v := meta.Get(metaVersion); {

@@ -9,14 +9,14 @@ package keystore
 // are the first ones of the owner's range. Every change of an entry changes
 // the count in the same transaction, so the count is exact; CountLive
 // subtracts the entries that ended but were not pruned yet (the sweeper
-// prunes them every minute, CreateLimited before it counts).
+// prunes them every minute, CreateLimited before it counts). NewBolt
+// rebuilds the index from the key records at every open.
 
 import (
 	"bytes"
 	"context"
 	"crypto/subtle"
 	"encoding/binary"
-	"errors"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -126,9 +126,18 @@ func pruneLive(tx *bolt.Tx, ended [][]byte) error {
 	return nil
 }
 
-// backfillLive builds the live index from the keys bucket, for a file
-// written before the index existed.
-func backfillLive(tx *bolt.Tx, now time.Time) error {
+// rebuildLive builds the live index afresh from the keys bucket.
+func rebuildLive(tx *bolt.Tx, now time.Time) error {
+	for _, name := range [][]byte{bucketLive, bucketLiveCount} {
+		if tx.Bucket(name) != nil {
+			if err := tx.DeleteBucket(name); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.CreateBucket(name); err != nil {
+			return err
+		}
+	}
 	return tx.Bucket(bucketKeys).ForEach(func(_, v []byte) error {
 		k, err := decodeKey(v)
 		if err != nil || !k.Active(now) {
@@ -144,13 +153,7 @@ func (s *BoltStore) CreateLimited(ctx context.Context, k *Key, limit int, now ti
 	if err := ctx.Err(); err != nil {
 		return boltErr("create key", err)
 	}
-	if err := validateKey(k); err != nil {
-		return err
-	}
-	if err := checkLiveLimit(limit); err != nil {
-		return err
-	}
-	record, err := encodeKey(k)
+	record, err := checkCreate(k, limit)
 	if err != nil {
 		return err
 	}
@@ -209,7 +212,3 @@ func (s *BoltStore) CountLive(ctx context.Context, owner string, now time.Time) 
 	}
 	return int(max(n, 0)), nil
 }
-
-// errLiveBucketsMissing is what initBuckets reports when only one of the
-// two live-index buckets exists, which no version of this code writes.
-var errLiveBucketsMissing = errors.New("live index buckets are incomplete")

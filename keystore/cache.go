@@ -1088,13 +1088,23 @@ func (c *CachedStore) Revoke(ctx context.Context, id string, at time.Time) (*Key
 
 // Update implements [Store.Update] and invalidates the key everywhere.
 func (c *CachedStore) Update(ctx context.Context, id string, fn func(*Key) error) (*Key, error) {
-	var wasRevoked bool
+	var (
+		wasRevoked bool
+		fnErr      error
+	)
 	start := time.Now()
 	k, err := c.inner.Update(ctx, id, func(k *Key) error {
 		wasRevoked = k.RevokedAt != nil
-		return fn(k)
+		fnErr = fn(k)
+		return fnErr
 	})
-	c.observe("update", start, err)
+	if err != nil && err == fnErr {
+		// The caller's function refused the change (a conflict of its
+		// own, such as a revoked key): the store answered, it did not fail.
+		c.observe("update", start, nil)
+	} else {
+		c.observe("update", start, err)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -82,10 +82,14 @@ func nowMillis(now time.Time) int64 {
 	return min(max(now.UnixMilli(), 0), maxIndexMillis-1)
 }
 
-// checkLiveLimit validates a CreateLimited limit.
-func checkLiveLimit(limit int) error {
-	if limit < 0 || limit > math.MaxInt32 {
-		return errors.New("keystore: key limit must be between 0 (none) and 2^31-1")
+// checkCreate validates the arguments of CreateLimited and returns the
+// stored form of k.
+func checkCreate(k *Key, limit int) ([]byte, error) {
+	if err := validateKey(k); err != nil {
+		return nil, err
 	}
-	return nil
+	if limit < 0 || limit > math.MaxInt32 {
+		return nil, errors.New("keystore: key limit must be between 0 (none) and 2^31-1")
+	}
+	return encodeKey(k)
 }

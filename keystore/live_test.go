@@ -13,8 +13,9 @@ import (
 )
 
 // TestBoltLiveIndexBackfill opens a file written before the live-key index
-// existed: NewBolt builds the index from the keys there, so the limit holds
-// for keys created by older versions.
+// existed, or changed by such code after it was built: NewBolt rebuilds the
+// index from the keys there, so the limit holds for keys older versions
+// wrote.
 func TestBoltLiveIndexBackfill(t *testing.T) {
 	ctx := ctxT(t)
 	path := filepath.Join(t.TempDir(), "keys.db")
@@ -37,29 +38,45 @@ func TestBoltLiveIndexBackfill(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Make it an older file: no live index.
-	db, err := bolt.Open(path, 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		if err := tx.DeleteBucket(bucketLive); err != nil {
-			return err
-		}
-		return tx.DeleteBucket(bucketLiveCount)
-	})
-	if cerr := db.Close(); err != nil || cerr != nil {
-		t.Fatal(err, cerr)
-	}
-
-	s, err = NewBolt(BoltOptions{Path: path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	countLive(t, s, "old", now, 1)
-	if err := s.CreateLimited(ctx, newKey(t, "old", now), 1, now); !errors.Is(err, ErrLimitReached) {
-		t.Errorf("CreateLimited over an older key: %v, want ErrLimitReached", err)
+	for _, tc := range []struct {
+		name  string
+		spoil func(tx *bolt.Tx) error
+	}{
+		{"file without the index", func(tx *bolt.Tx) error {
+			if err := tx.DeleteBucket(bucketLive); err != nil {
+				return err
+			}
+			return tx.DeleteBucket(bucketLiveCount)
+		}},
+		// Older code wrote keys (or revoked one) after the index was built.
+		{"index behind the records", func(tx *bolt.Tx) error {
+			if err := tx.Bucket(bucketLive).Delete(liveEntryKey(live)); err != nil {
+				return err
+			}
+			revokedEntry := *revoked
+			revokedEntry.RevokedAt = nil
+			return tx.Bucket(bucketLive).Put(liveEntryKey(&revokedEntry), nil)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db, err := bolt.Open(path, 0o600, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = db.Update(tc.spoil)
+			if cerr := db.Close(); err != nil || cerr != nil {
+				t.Fatal(err, cerr)
+			}
+			s, err := NewBolt(BoltOptions{Path: path})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			countLive(t, s, "old", now, 1)
+			if err := s.CreateLimited(ctx, newKey(t, "old", now), 1, now); !errors.Is(err, ErrLimitReached) {
+				t.Errorf("CreateLimited over an older key: %v, want ErrLimitReached", err)
+			}
+		})
 	}
 }
 

@@ -371,36 +371,35 @@ func (s *RedisStore) Create(ctx context.Context, k *Key) error {
 	return s.CreateLimited(ctx, k, 0, time.Now())
 }
 
-// CreateLimited implements [Store.CreateLimited]: a check that k is not
-// stored already, its place in the live index (the atomic limit check),
-// then three single-key writes, in an order that is safe to interrupt (see
-// the file comment).
+// CreateLimited implements [Store.CreateLimited]: k's place in the live
+// index (the atomic limit check), then three single-key writes, in an order
+// that is safe to interrupt (see the file comment), then the confirmation
+// of its place.
 func (s *RedisStore) CreateLimited(ctx context.Context, k *Key, limit int, now time.Time) error {
-	if err := validateKey(k); err != nil {
-		return err
-	}
-	if err := checkLiveLimit(limit); err != nil {
-		return err
-	}
-	record, err := encodeKey(k)
+	record, err := checkCreate(k, limit)
 	if err != nil {
 		return err
 	}
 	digestHex := k.Digest.String()
 	expireAt := s.expireAt(k) // a key created with an end expires from birth
 
-	// 0. A retry of a Create that completed changes nothing, and must not
-	// count the key again: it may have been revoked since.
-	switch stored, err := s.created(ctx, k, digestHex); {
-	case err != nil:
+	// 0. Reserve k's place under the limit. A retry of a Create that
+	// completed succeeds whatever the count.
+	reserved, err := s.reserveLive(ctx, k, limit, now)
+	if errors.Is(err, ErrLimitReached) {
+		if stored, serr := s.created(ctx, k, digestHex); serr != nil || stored == nil {
+			return err
+		}
+		return nil
+	} else if err != nil {
 		return err
-	case stored != nil:
-		// Confirm its place again, from the stored record (a revoked key
-		// gets its past end: it does not count).
-		return s.confirmLive(ctx, stored)
 	}
-	if err := s.reserveLive(ctx, k, limit, now); err != nil {
-		return err
+	// release gives up the place if this call reserved it (a conflict
+	// never takes another key's place away).
+	release := func() {
+		if reserved {
+			s.releaseLive(ctx, k)
+		}
 	}
 
 	// 1. Claim the ID for this digest.
@@ -417,7 +416,7 @@ func (s *RedisStore) CreateLimited(ctx context.Context, k *Key, limit int, now t
 		}
 		d, err := ParseDigest(cur)
 		if err != nil || !d.Equal(k.Digest) {
-			s.releaseLive(ctx, k)
+			release()
 			return ErrConflict
 		}
 	}
@@ -440,9 +439,12 @@ func (s *RedisStore) CreateLimited(ctx context.Context, k *Key, limit int, now t
 			return err
 		}
 		if existing.ID != k.ID {
-			s.releaseLive(ctx, k)
+			release()
 			return ErrConflict
 		}
+		// A retry: confirm the place with the stored record's end (a key
+		// revoked since then gets its past end and does not count).
+		return s.confirmLive(ctx, existing)
 	}
 	return s.confirmLive(ctx, k)
 }

@@ -42,8 +42,8 @@ func (s *RedisStore) liveReadyKey(owner string) string {
 
 // reserveLiveScript reserves the place of key ARGV[1] (score ARGV[2]) in the
 // live index KEYS[1] unless the members live at ARGV[3] (unix ms) number
-// ARGV[4] or more (0: no limit). It returns 1 when the key has its place
-// (also when it had it already: a retry), 0 when the limit is reached, and
+// ARGV[4] or more (0: no limit). It returns 2 when it reserved the place,
+// 1 when the key had it already (a retry), 0 when the limit is reached, and
 // -1 when the index is not ready (KEYS[2] missing).
 var reserveLiveScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
@@ -52,7 +52,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 local limit = tonumber(ARGV[4])
 if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-return 1
+return 2
 `)
 
 // countLiveScript counts the members of the live index KEYS[1] whose end is
@@ -183,16 +183,17 @@ func (s *RedisStore) CountLive(ctx context.Context, owner string, now time.Time)
 }
 
 // reserveLive reserves k's place in its owner's live index, or answers
-// ErrLimitReached.
-func (s *RedisStore) reserveLive(ctx context.Context, k *Key, limit int, now time.Time) error {
+// ErrLimitReached. added says whether this call made the reservation
+// (rather than finding one).
+func (s *RedisStore) reserveLive(ctx context.Context, k *Key, limit int, now time.Time) (added bool, err error) {
 	n, err := s.liveScript(ctx, reserveLiveScript, k.Owner, now, true, k.ID, pendingScore(k, now), nowMillis(now), limit)
 	switch {
 	case err != nil:
-		return fmt.Errorf("keystore: redis create key (live index): %w", err)
+		return false, fmt.Errorf("keystore: redis create key (live index): %w", err)
 	case n == 0:
-		return ErrLimitReached
+		return false, ErrLimitReached
 	}
-	return nil
+	return n == 2, nil
 }
 
 // releaseLive gives up k's reserved place after its Create was refused for

@@ -37,23 +37,81 @@ func IsSentinelURL(raw string) bool {
 	return ok && strings.HasSuffix(strings.ToLower(scheme), "+sentinel")
 }
 
+// sentinelParts are the parts of a redis+sentinel:// URL.
+type sentinelParts struct {
+	userinfo string // before the last "@" of the authority; "" if none
+	hosts    string // the comma-separated Sentinel addresses
+	path     string // <master-name>[/db]
+	rawQuery string
+}
+
+// splitSentinelURL splits a redis+sentinel:// URL as parseSentinelURLs
+// reads it (and so as RedisURLHasPassword does): query at the first "?",
+// path at the first "/" before it, user info up to the last "@" of the
+// authority.
+func splitSentinelURL(raw string) (sentinelParts, error) {
+	if !strings.HasPrefix(strings.ToLower(raw), sentinelScheme) {
+		return sentinelParts{}, errors.New("keystore: redis Sentinel URL: only redis+sentinel:// is supported (TLS to Sentinel is not supported yet)")
+	}
+	var p sentinelParts
+	rest := raw[len(sentinelScheme):]
+	rest, p.rawQuery, _ = strings.Cut(rest, "?")
+	authority, path, _ := strings.Cut(rest, "/")
+	p.path, p.hosts = path, authority
+	if i := strings.LastIndex(authority, "@"); i >= 0 {
+		p.userinfo, p.hosts = authority[:i], authority[i+1:]
+	}
+	return p, nil
+}
+
+// RedisURLHasPassword reports whether raw, one URL as [RedisOptions.URLs]
+// takes it, carries a password: in its user info (redis://, rediss://,
+// redis+sentinel://) or as sentinel_password. It reads raw exactly as
+// [ParseRedisOptions] does, so a configuration check built on it cannot
+// disagree with the client about where the password is. A URL that
+// ParseRedisOptions would refuse for its shape gives an error (which
+// never contains a password).
+func RedisURLHasPassword(raw string) (bool, error) {
+	if IsSentinelURL(raw) {
+		sp, err := splitSentinelURL(raw)
+		if err != nil {
+			return false, err
+		}
+		q, err := url.ParseQuery(sp.rawQuery)
+		if err != nil {
+			return false, fmt.Errorf("keystore: redis URL %s: bad query", sentinelScheme+sp.hosts+"/"+sp.path)
+		}
+		if q.Has("sentinel_password") {
+			return true, nil
+		}
+		if sp.userinfo == "" {
+			return false, nil
+		}
+		// parseSentinelURLs hands the user info on in a redis:// URL.
+		raw = "redis://" + sp.userinfo + "@127.0.0.1"
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return false, errors.New("keystore: redis URL is not a valid URL (not shown: it may contain a password)")
+	}
+	if u.Scheme != "redis" && u.Scheme != "rediss" {
+		return false, fmt.Errorf("keystore: redis URL %s: scheme must be redis:// or rediss://", u.Redacted())
+	}
+	_, has := u.User.Password()
+	return has, nil
+}
+
 // parseSentinelURLs parses the one redis+sentinel:// URL of urls. Errors
 // never contain the URL's credentials.
 func parseSentinelURLs(urls []string) (*redis.UniversalOptions, error) {
 	if len(urls) != 1 {
 		return nil, errors.New("keystore: a redis+sentinel:// URL must be the only Redis URL; list several Sentinels inside it, separated by commas")
 	}
-	raw := urls[0]
-	if !strings.HasPrefix(strings.ToLower(raw), sentinelScheme) {
-		return nil, errors.New("keystore: redis Sentinel URL: only redis+sentinel:// is supported (TLS to Sentinel is not supported yet)")
+	sp, err := splitSentinelURL(urls[0])
+	if err != nil {
+		return nil, err
 	}
-	rest := raw[len(sentinelScheme):]
-	rest, rawQuery, _ := strings.Cut(rest, "?")
-	authority, path, _ := strings.Cut(rest, "/")
-	userinfo, hosts := "", authority
-	if i := strings.LastIndex(authority, "@"); i >= 0 {
-		userinfo, hosts = authority[:i], authority[i+1:]
-	}
+	userinfo, hosts, path, rawQuery := sp.userinfo, sp.hosts, sp.path, sp.rawQuery
 	redacted := sentinelScheme + hosts + "/" + path
 
 	var addrs []string
