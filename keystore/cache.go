@@ -12,7 +12,11 @@ package keystore
 //
 // The background loop re-reads every record used in the last WarmFor (5
 // minutes) once it is Refresh old, in batches (one MGET for up to 128 keys
-// on Redis). So a key in use, even one used once a minute, is always
+// on Redis). A store that keeps a records version (Redis, not on a
+// Cluster: see RedisStore.RecordsVersion) spares most of that: while the
+// version does not move, one read of it confirms every record read since it
+// last moved, and records are re-read only after it moved, and once a
+// minute regardless. So a key in use, even one used once a minute, is always
 // answered from the cache, and the store sees a handful of commands per
 // second however many requests there are; and such a key keeps working
 // through a store outage (its record was read moments before).
