@@ -15,8 +15,8 @@ package keystore
 // on Redis). A store that keeps a records version (Redis, not on a
 // Cluster: see RedisStore.RecordsVersion) spares most of that: while the
 // version does not move, one read of it confirms every record read since it
-// last moved, and records are re-read only after it moved, and once a
-// minute regardless. So a key in use, even one used once a minute, is always
+// last moved, and records are re-read only after it moved, and every 5
+// minutes regardless. So a key in use, even one used once a minute, is always
 // answered from the cache, and the store sees a handful of commands per
 // second however many requests there are; and such a key keeps working
 // through a store outage (its record was read moments before).
@@ -649,7 +649,7 @@ type versionSample struct{ at, v int64 }
 
 // fullRefreshEvery is how often the refresh re-reads every record in use
 // even though the records version says nothing changed.
-const fullRefreshEvery = time.Minute
+const fullRefreshEvery = 5 * time.Minute
 
 // maxVersionSamples bounds the history of versions the refresh keeps:
 // a few minutes of refresh passes, far more than a record waits to be
