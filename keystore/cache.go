@@ -230,7 +230,7 @@ type CachedStore struct {
 	bulk        bulkReader      // inner, if it reads many digests at once
 	ver         versionReader   // inner, if it keeps a records version
 	versions    []versionSample // of the refresh loop's passes, oldest first
-	lastFull    int64           // when the refresh last ignored the version (preciseNano)
+	lastFull    atomic.Int64    // when the refresh last ignored the version (preciseNano)
 	walkedSince int64           // the coverage the refresh last walked the records for
 	conf        atomic.Pointer[confirmation]
 	preciseNano func() int64
@@ -681,11 +681,11 @@ func (c *CachedStore) unchangedSince() (since int64, ok bool) {
 		return since, true
 	}
 	c.markUp()
-	if now := c.preciseNano(); now-c.lastFull >= int64(fullRefreshEvery) {
+	if now := c.preciseNano(); now-c.lastFull.Load() >= int64(fullRefreshEvery) {
 		// A full pass now and then, whatever the version says: a change
 		// that did not move it (a hand edit, an instance of an earlier
 		// version) is served for at most fullRefreshEvery plus TTL.
-		c.lastFull = now
+		c.lastFull.Store(now)
 		c.versions = c.versions[:0]
 	}
 	// The earliest pass that saw the same version: nothing changed between
