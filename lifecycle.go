@@ -98,35 +98,35 @@ func (h *Handler) serveList(w http.ResponseWriter, r *http.Request, claims jwtau
 	defer cancel()
 	now := h.now()
 	resp := listResponse{Keys: []keyView{}}
-	// With a status filter, read store pages until the page is full.
-	for {
-		keys, next, err := h.store.List(ctx, claims.Owner, cursor, limit)
-		if errors.Is(err, keystore.ErrInvalidCursor) {
-			return writeError(w, validationError("cursor", "`cursor` is not a cursor this API returned."))
-		}
-		if err != nil {
-			h.logger.Error("listing keys failed", zap.Error(err))
-			return writeError(w, errStoreUnavailable)
-		}
-		for i, k := range keys {
-			if status != "" && k.Status(now) != status {
-				continue
-			}
-			resp.Keys = append(resp.Keys, newKeyView(k, now))
-			if len(resp.Keys) == limit {
-				if next != "" || i < len(keys)-1 {
-					// More may follow: continue after the last key shown.
-					c := base64.RawURLEncoding.EncodeToString([]byte(keystore.CursorAfter(k)))
-					resp.NextCursor = &c
-				}
-				return writeData(w, http.StatusOK, resp)
-			}
-		}
-		if next == "" {
-			return writeData(w, http.StatusOK, resp)
-		}
-		cursor = next
+	var (
+		keys []*keystore.Key
+		next string
+		err  error
+	)
+	if status == "" {
+		keys, next, err = h.store.List(ctx, claims.Owner, cursor, limit)
+	} else {
+		// A bounded scan: an owner with a long history of revoked keys
+		// gets a short (even empty) page with a cursor rather than a
+		// request that reads every key it ever had.
+		keys, next, err = keystore.ListFiltered(ctx, h.store, claims.Owner, cursor, limit, keystore.DefaultListScan,
+			func(k *keystore.Key) bool { return k.Status(now) == status })
 	}
+	if errors.Is(err, keystore.ErrInvalidCursor) {
+		return writeError(w, validationError("cursor", "`cursor` is not a cursor this API returned."))
+	}
+	if err != nil {
+		h.logger.Error("listing keys failed", zap.Error(err))
+		return writeError(w, errStoreUnavailable)
+	}
+	for _, k := range keys {
+		resp.Keys = append(resp.Keys, newKeyView(k, now))
+	}
+	if next != "" {
+		c := base64.RawURLEncoding.EncodeToString([]byte(next))
+		resp.NextCursor = &c
+	}
+	return writeData(w, http.StatusOK, resp)
 }
 
 // ownedKey loads a key of the caller. Another owner's key is not found.

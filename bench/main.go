@@ -46,6 +46,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -71,6 +72,12 @@ var (
 	flagKeep     = flag.Bool("keep", false, "keep the working directory (configs and process logs) and print its path")
 	flagProfile  = flag.Duration("cpuprofile", 0, "after the measurements, profile each Caddy for this long under closed-loop load; profiles go to -out as <config>.pprof")
 	flagBackend  = flag.String("serve-backend", "", "internal: run as the backend on this address")
+	flagPhases   = flag.String("phases", "peak,latency,cpu", "phases to run, comma-separated: peak (closed-loop throughput), latency (open loop), cpu (CPU time per request)")
+	flagCPUReqs  = flag.Int64("cpu-requests", 40000, "requests per run of the cpu phase")
+	flagCPUConns = flag.Int("cpu-conns", 16, "connections of the cpu phase")
+	flagCPURate  = flag.Float64("cpu-rate", 0, "send the cpu phase's requests open loop at this rate (requests/s) instead of closed loop")
+	flagIdle     = flag.Duration("idle", 10*time.Second, "after the cpu phase, measure each Caddy's CPU use with no requests for this long (0: skip)")
+	flagNoCache  = flag.Bool("nocache", true, "also measure the apikeys guard with its cache off")
 )
 
 // config is one measured configuration.
@@ -78,9 +85,11 @@ type config struct {
 	Name    string `json:"name"`
 	Label   string `json:"label"`
 	addr    string
-	admin   string // Caddy's admin address, with -cpuprofile
+	admin   string // Caddy's admin address
 	guarded bool
 	target  *target
+	cmd     *exec.Cmd // the Caddy process
+	started time.Time // when it was started
 }
 
 func main() {
@@ -170,7 +179,7 @@ func run(ctx context.Context) error {
 	}
 
 	redisAddr := freeAddr()
-	if err := start(ctx, tmp, "redis", redisBin, "--port", portOf(redisAddr), "--bind", "127.0.0.1",
+	if _, err := start(ctx, tmp, "redis", redisBin, "--port", portOf(redisAddr), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", tmp); err != nil {
 		return err
 	}
@@ -179,7 +188,7 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := start(ctx, tmp, "backend", self, "-serve-backend", backendAddr); err != nil {
+	if _, err := start(ctx, tmp, "backend", self, "-serve-backend", backendAddr); err != nil {
 		return err
 	}
 	for _, a := range []string{redisAddr, backendAddr} {
@@ -200,7 +209,13 @@ func run(ctx context.Context) error {
 		{Name: "backend", Label: "BACKEND", addr: backendAddr},
 		{Name: "caddy", Label: "CADDY", addr: freeAddr()},
 		{Name: "apikeys", Label: "APIKEYS", addr: freeAddr(), guarded: true},
-		{Name: "apikeys-nocache", Label: "NO CACHE", addr: freeAddr(), guarded: true},
+	}
+	if *flagNoCache {
+		configs = append(configs, &config{Name: "apikeys-nocache", Label: "NO CACHE", addr: freeAddr(), guarded: true})
+	}
+	phases := map[string]bool{}
+	for _, p := range strings.Split(*flagPhases, ",") {
+		phases[strings.TrimSpace(p)] = true
 	}
 	for _, c := range configs[1:] {
 		if err := startCaddy(ctx, tmp, caddyBin, c, backendAddr, redisAddr); err != nil {
@@ -223,38 +238,51 @@ func run(ctx context.Context) error {
 	runs := map[string][]result{}
 	lat := map[string][]result{}
 	seed := uint64(1)
-	log.Printf("phase 1: peak throughput, closed loop, %d connections, %d rounds of %v (+%v warm-up)", *flagConns, *flagRounds, *flagDuration, *flagWarmup)
-	for round := 1; round <= *flagRounds; round++ {
-		for _, c := range configs {
-			if err := ctx.Err(); err != nil {
-				return err
+	rate := 0.0
+	if phases["peak"] {
+		log.Printf("phase 1: peak throughput, closed loop, %d connections, %d rounds of %v (+%v warm-up)", *flagConns, *flagRounds, *flagDuration, *flagWarmup)
+		for round := 1; round <= *flagRounds; round++ {
+			for _, c := range configs {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				closedLoop(c.target, *flagConns, *flagWarmup, seed)
+				seed += 100
+				before := redisCommands(ctx, rdb)
+				r := closedLoop(c.target, *flagConns, *flagDuration, seed)
+				seed += 100
+				r.RedisCmds = redisCommands(ctx, rdb) - before
+				runs[c.Name] = append(runs[c.Name], r)
+				log.Printf("  round %d %-16s %8.0f req/s  errors %d  redis cmds %d", round, c.Name, r.RPS, r.Errors, r.RedisCmds)
 			}
-			closedLoop(c.target, *flagConns, *flagWarmup, seed)
-			seed += 100
-			before := redisCommands(ctx, rdb)
-			r := closedLoop(c.target, *flagConns, *flagDuration, seed)
-			seed += 100
-			r.RedisCmds = redisCommands(ctx, rdb) - before
-			runs[c.Name] = append(runs[c.Name], r)
-			log.Printf("  round %d %-16s %8.0f req/s  errors %d  redis cmds %d", round, c.Name, r.RPS, r.Errors, r.RedisCmds)
 		}
 	}
-	barePeak := median(runs["caddy"], func(r result) float64 { return r.RPS })
-	rate := barePeak / 2
-	keyOrder = zipfSequence(int(rate*flagDuration.Seconds())+1, len(keys), 42)
-	log.Printf("phase 2: latency, open loop at %.0f req/s (half of bare Caddy's median peak), %d rounds of %v", rate, *flagRounds, *flagDuration)
-	for round := 1; round <= *flagRounds; round++ {
-		for _, c := range configs {
-			if err := ctx.Err(); err != nil {
-				return err
+	if phases["peak"] && phases["latency"] {
+		barePeak := median(runs["caddy"], func(r result) float64 { return r.RPS })
+		rate = barePeak / 2
+		keyOrder = zipfSequence(int(rate*flagDuration.Seconds())+1, len(keys), 42)
+		log.Printf("phase 2: latency, open loop at %.0f req/s (half of bare Caddy's median peak), %d rounds of %v", rate, *flagRounds, *flagDuration)
+		for round := 1; round <= *flagRounds; round++ {
+			for _, c := range configs {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				openLoop(c.target, rate, *flagOpenConn, time.Second, seed) // settle
+				before := redisCommands(ctx, rdb)
+				r := openLoop(c.target, rate, *flagOpenConn, *flagDuration, seed)
+				r.RedisCmds = redisCommands(ctx, rdb) - before
+				lat[c.Name] = append(lat[c.Name], r)
+				log.Printf("  round %d %-16s p50 %6v  p99 %7v  p99.9 %7v  errors %d  late sends %d  redis cmds %d",
+					round, c.Name, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.P999.Round(time.Microsecond), r.Errors, r.Behind, r.RedisCmds)
 			}
-			openLoop(c.target, rate, *flagOpenConn, time.Second, seed) // settle
-			before := redisCommands(ctx, rdb)
-			r := openLoop(c.target, rate, *flagOpenConn, *flagDuration, seed)
-			r.RedisCmds = redisCommands(ctx, rdb) - before
-			lat[c.Name] = append(lat[c.Name], r)
-			log.Printf("  round %d %-16s p50 %6v  p99 %7v  p99.9 %7v  errors %d  late sends %d  redis cmds %d",
-				round, c.Name, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.P999.Round(time.Microsecond), r.Errors, r.Behind, r.RedisCmds)
+		}
+	}
+
+	var cpu []cpuSummary
+	if phases["cpu"] {
+		var err error
+		if cpu, err = cpuPhase(ctx, configs[1:], rdb); err != nil {
+			return err
 		}
 	}
 
@@ -267,6 +295,8 @@ func run(ctx context.Context) error {
 	}
 
 	rep := newReport(configs, runs, lat, rate, time.Since(started))
+	rep.CPU, rep.CPURequests, rep.CPUConns, rep.IdleFor, rep.CPURate = cpu, *flagCPUReqs, *flagCPUConns, flagIdle.String(), *flagCPURate
+	rep.Targets = append(rep.Targets, cpuTargets(cpu)...)
 	if err := rep.write(*flagOut); err != nil {
 		return err
 	}
@@ -330,11 +360,9 @@ func startCaddy(ctx context.Context, dir, bin string, c *config, backendAddr, re
 	case "apikeys-nocache":
 		guard = fmt.Sprintf("apikeys {\n\t\tstore redis redis://%s/0\n\t\tsecret {env.APIKEYS_SECRET}\n\t\tcache off\n\t}", redisAddr)
 	}
-	admin := "admin off"
-	if *flagProfile > 0 {
-		c.admin = freeAddr()
-		admin = "admin " + c.admin
-	}
+	// The admin endpoint serves /debug/vars (heap, GC) and profiles.
+	c.admin = freeAddr()
+	admin := "admin " + c.admin
 	cfg := fmt.Sprintf(`{
 	%s
 	auto_https off
@@ -351,14 +379,19 @@ http://%s {
 		return err
 	}
 	args := []string{"run", "--config", path, "--adapter", "caddyfile"}
+	var err error
+	c.started = time.Now()
 	if caddyCPU != "" {
-		taskset, err := exec.LookPath("taskset")
-		if err != nil {
-			return err
+		taskset, lerr := exec.LookPath("taskset")
+		if lerr != nil {
+			return lerr
 		}
-		return start(ctx, dir, c.Name, taskset, append([]string{"-c", caddyCPU, bin}, args...)...)
+		// taskset execs Caddy: the process keeps its PID.
+		c.cmd, err = start(ctx, dir, c.Name, taskset, append([]string{"-c", caddyCPU, bin}, args...)...)
+		return err
 	}
-	return start(ctx, dir, c.Name, bin, args...)
+	c.cmd, err = start(ctx, dir, c.Name, bin, args...)
+	return err
 }
 
 var (
@@ -368,10 +401,10 @@ var (
 
 // start runs a child process that dies with this one; its output goes to
 // <dir>/<name>.log.
-func start(ctx context.Context, dir, name, bin string, args ...string) error {
+func start(ctx context.Context, dir, name, bin string, args ...string) (*exec.Cmd, error) {
 	logf, err := os.Create(filepath.Join(dir, name+".log"))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -387,12 +420,12 @@ func start(ctx context.Context, dir, name, bin string, args ...string) error {
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", name, err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	procsMu.Lock()
 	procs = append(procs, cmd)
 	procsMu.Unlock()
-	return ctx.Err()
+	return cmd, ctx.Err()
 }
 
 // cleanup kills the child processes this program started.
@@ -549,7 +582,14 @@ func cpuProfile(c *config, d time.Duration, seed uint64) error {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		closedLoop(c.target, *flagConns, d+2*time.Second, seed)
+		// Every key in turn, as in the cpu phase (at its rate, if set:
+		// then profiles of the configurations compare per request).
+		var next atomic.Int64
+		if *flagCPURate > 0 {
+			roundRobinRate(c.target, max(*flagCPUConns, 64), int64(*flagCPURate*(d+2*time.Second).Seconds()), *flagCPURate, &next)
+		} else {
+			roundRobinUntil(c.target, *flagCPUConns, 1<<62, time.Now().Add(d+2*time.Second), &next)
+		}
 	}()
 	time.Sleep(time.Second)
 	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.admin, int(d.Seconds()))

@@ -27,6 +27,12 @@ type report struct {
 	Peak      map[string][]result `json:"peak_runs"`
 	Latency   map[string][]result `json:"latency_runs"`
 	Targets   []check             `json:"targets"`
+
+	CPU         []cpuSummary `json:"cpu,omitempty"`
+	CPURequests int64        `json:"cpu_requests_per_run,omitempty"`
+	CPUConns    int          `json:"cpu_connections,omitempty"`
+	CPURate     float64      `json:"cpu_open_loop_rate,omitempty"`
+	IdleFor     string       `json:"idle_measured_for,omitempty"`
 }
 
 // summary is one configuration's medians over the rounds.
@@ -95,6 +101,9 @@ func newReport(configs []*config, peak, lat map[string][]result, rate float64, e
 	bare := r.config("caddy")
 	for i := range r.Configs {
 		s := &r.Configs[i]
+		if bare.RPS == 0 {
+			continue // no peak runs
+		}
 		s.VsBare = s.RPS / bare.RPS
 		s.P99Added = s.P99 - bare.P99
 		// Paired: each round's run against bare Caddy's run of the same
@@ -114,6 +123,9 @@ func newReport(configs []*config, peak, lat map[string][]result, rate float64, e
 		s.PairedP99 = time.Duration(medianOf(diffs))
 	}
 	guarded := r.config("apikeys")
+	if len(peak["caddy"]) == 0 {
+		return r
+	}
 	r.Targets = []check{
 		{"cached throughput >= 97% of bare Caddy",
 			fmt.Sprintf("%.1f%% (ratio of medians), %.1f%% (median of per-round ratios)", 100*guarded.VsBare, 100*guarded.PairedRatio),
@@ -188,17 +200,20 @@ func (r *report) markdown() string {
 	fmt.Fprintf(&b, "%d rounds, configurations alternated within each round; %s runs; %d keys, Zipf s=%.1f; "+
 		"peak: closed loop, %d connections; latency: open loop at %.0f req/s (half of bare Caddy's median peak), up to %d connections.\n\n",
 		r.Rounds, r.Duration, r.Keys, r.ZipfS, r.Conns, r.Rate, r.OpenConns)
-	b.WriteString("| configuration | peak req/s, median (min-max) | vs bare Caddy (medians; paired) | p50 | p99, median (min-max) | p99.9 | p99 vs bare Caddy (medians; paired) | Redis cmds/request (peak; open loop) | errors |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|\n")
-	for _, s := range r.Configs {
-		redisCol := "-"
-		if s.Name == "apikeys" || s.Name == "apikeys-nocache" {
-			redisCol = fmt.Sprintf("%.4f; %.4f", s.RedisPeak, s.RedisLoaded)
+	if len(r.Peak["caddy"]) > 0 {
+		b.WriteString("| configuration | peak req/s, median (min-max) | vs bare Caddy (medians; paired) | p50 | p99, median (min-max) | p99.9 | p99 vs bare Caddy (medians; paired) | Redis cmds/request (peak; open loop) | errors |\n")
+		b.WriteString("|---|---|---|---|---|---|---|---|---|\n")
+		for _, s := range r.Configs {
+			redisCol := "-"
+			if s.Name == "apikeys" || s.Name == "apikeys-nocache" {
+				redisCol = fmt.Sprintf("%.4f; %.4f", s.RedisPeak, s.RedisLoaded)
+			}
+			fmt.Fprintf(&b, "| %s | %.0f (%.0f-%.0f) | %.1f%%; %.1f%% | %s | %s (%s-%s) | %s | %+dus; %+dus | %s | %d |\n",
+				s.Name, s.RPS, s.RPSMin, s.RPSMax, 100*s.VsBare, 100*s.PairedRatio, us(s.P50), us(s.P99), us(s.P99Min), us(s.P99Max), us(s.P999),
+				s.P99Added.Microseconds(), s.PairedP99.Microseconds(), redisCol, s.Errors)
 		}
-		fmt.Fprintf(&b, "| %s | %.0f (%.0f-%.0f) | %.1f%%; %.1f%% | %s | %s (%s-%s) | %s | %+dus; %+dus | %s | %d |\n",
-			s.Name, s.RPS, s.RPSMin, s.RPSMax, 100*s.VsBare, 100*s.PairedRatio, us(s.P50), us(s.P99), us(s.P99Min), us(s.P99Max), us(s.P999),
-			s.P99Added.Microseconds(), s.PairedP99.Microseconds(), redisCol, s.Errors)
 	}
+	r.cpuMarkdown(&b)
 	b.WriteString("\n| target | measured | met |\n|---|---|---|\n")
 	for _, c := range r.Targets {
 		met := "no"

@@ -14,9 +14,10 @@ import (
 var aclRules = strings.Fields(`on >acl-test-password resetkeys ~apikeys:* resetchannels &apikeys:* -@all
 	+hello +ping +get +set +del +zadd +zrange
 	+eval +evalsha +watch +unwatch +multi +exec +wait
-	+zrem +zcard +pexpireat +pttl +persist +pexpire
-	+mget +publish +subscribe +unsubscribe
-	+exists +zscore +zcount +zremrangebyscore`)
+	+zrem +zcard +pexpireat +persist
+	+exists +zscore +zremrangebyscore +zcount +incr
+	+mget +hget +hmget +hset +hdel
+	+publish +subscribe +unsubscribe`)
 
 // aclClusterRules are added on a Redis Cluster.
 var aclClusterRules = []string{"+cluster|slots", "+command"}

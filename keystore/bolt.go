@@ -176,7 +176,10 @@ func boltErr(op string, err error) error {
 }
 
 // ByDigest implements [Store.ByDigest].
-func (s *BoltStore) ByDigest(_ context.Context, d Digest) (*Key, error) {
+func (s *BoltStore) ByDigest(ctx context.Context, d Digest) (*Key, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, boltErr("get key", err)
+	}
 	var k *Key
 	err := s.db.View(func(tx *bolt.Tx) error {
 		data := tx.Bucket(bucketKeys).Get(d[:])
@@ -224,7 +227,10 @@ func lastUsed(tx *bolt.Tx, id string) *time.Time {
 }
 
 // Get implements [Store.Get].
-func (s *BoltStore) Get(_ context.Context, id string) (*Key, error) {
+func (s *BoltStore) Get(ctx context.Context, id string) (*Key, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, boltErr("get key", err)
+	}
 	var k *Key
 	err := s.db.View(func(tx *bolt.Tx) error {
 		var err error
@@ -238,7 +244,7 @@ func (s *BoltStore) Get(_ context.Context, id string) (*Key, error) {
 
 // List implements [Store.List] by walking the owner's index entries
 // backwards with a bbolt cursor.
-func (s *BoltStore) List(_ context.Context, owner, cursor string, limit int) ([]*Key, string, error) {
+func (s *BoltStore) List(ctx context.Context, owner, cursor string, limit int) ([]*Key, string, error) {
 	if err := checkLimit(limit); err != nil {
 		return nil, "", err
 	}
@@ -250,7 +256,12 @@ func (s *BoltStore) List(_ context.Context, owner, cursor string, limit int) ([]
 	var (
 		keys    []*Key
 		members []string
+		skipped int
+		walked  string // the last member walked past
 	)
+	if err := ctx.Err(); err != nil {
+		return nil, "", boltErr("list keys", err)
+	}
 	err := s.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketOwners).Cursor()
 
@@ -270,14 +281,27 @@ func (s *BoltStore) List(_ context.Context, owner, cursor string, limit int) ([]
 			k, _ = c.Prev()
 		}
 
-		for ; k != nil && bytes.HasPrefix(k, prefix) && len(keys) <= limit; k, _ = c.Prev() {
+		for n := 0; k != nil && bytes.HasPrefix(k, prefix) && len(keys) <= limit; k, _ = c.Prev() {
+			if n++; n%64 == 0 {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+			}
+			if skipped >= maxListSkip {
+				// Walked past many entries without a record: return what
+				// was found, and go on after the last entry walked.
+				return nil
+			}
 			member := string(k[len(prefix):])
 			id, ok := memberID(member)
 			if !ok {
-				continue
+				skipped++
+				continue // not a member List wrote; never a cursor
 			}
+			walked = member
 			key, err := getByID(tx, id)
 			if errors.Is(err, ErrNotFound) {
+				skipped++
 				continue
 			}
 			if err != nil {
@@ -294,6 +318,9 @@ func (s *BoltStore) List(_ context.Context, owner, cursor string, limit int) ([]
 	})
 	if err != nil {
 		return nil, "", boltErr("list keys", err)
+	}
+	if skipped >= maxListSkip && len(keys) <= limit {
+		return keys, walked, nil
 	}
 	if len(keys) <= limit {
 		return keys, "", nil
@@ -312,7 +339,10 @@ func (s *BoltStore) Revoke(ctx context.Context, id string, at time.Time) (*Key, 
 }
 
 // Update implements [Store.Update] in one transaction.
-func (s *BoltStore) Update(_ context.Context, id string, fn func(*Key) error) (*Key, error) {
+func (s *BoltStore) Update(ctx context.Context, id string, fn func(*Key) error) (*Key, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, boltErr("update key", err)
+	}
 	var out *Key
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		cur, err := getByID(tx, id)
@@ -355,7 +385,10 @@ func (s *BoltStore) Update(_ context.Context, id string, fn func(*Key) error) (*
 
 // RecordUsage implements [Store.RecordUsage] in one transaction. IDs that
 // name no key are skipped.
-func (s *BoltStore) RecordUsage(_ context.Context, used map[string]time.Time) error {
+func (s *BoltStore) RecordUsage(ctx context.Context, used map[string]time.Time) error {
+	if err := ctx.Err(); err != nil {
+		return boltErr("record usage", err)
+	}
 	if len(used) == 0 {
 		return nil
 	}
@@ -382,13 +415,20 @@ func (s *BoltStore) RecordUsage(_ context.Context, used map[string]time.Time) er
 
 // CountOwner implements [Store.CountOwner] by counting the owner's index
 // entries.
-func (s *BoltStore) CountOwner(_ context.Context, owner string) (int, error) {
+func (s *BoltStore) CountOwner(ctx context.Context, owner string) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, boltErr("count keys", err)
+	}
 	prefix := []byte(ownerHash(owner) + "/")
 	n := 0
 	err := s.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketOwners).Cursor()
 		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
-			n++
+			if n++; n%1024 == 0 {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+			}
 		}
 		return nil
 	})
@@ -432,7 +472,10 @@ func liveBoltIdem(b *bolt.Bucket, id string, now time.Time) (*IdempotencyRecord,
 }
 
 // ReserveIdempotency implements [Store.ReserveIdempotency].
-func (s *BoltStore) ReserveIdempotency(_ context.Context, id string, rec *IdempotencyRecord, ttl time.Duration) (*IdempotencyRecord, error) {
+func (s *BoltStore) ReserveIdempotency(ctx context.Context, id string, rec *IdempotencyRecord, ttl time.Duration) (*IdempotencyRecord, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, boltErr("reserve idempotency record", err)
+	}
 	if err := validateIdempotency(id, rec, ttl); err != nil {
 		return nil, err
 	}
@@ -461,7 +504,10 @@ func (s *BoltStore) ReserveIdempotency(_ context.Context, id string, rec *Idempo
 }
 
 // GetIdempotency implements [Store.GetIdempotency].
-func (s *BoltStore) GetIdempotency(_ context.Context, id string) (*IdempotencyRecord, error) {
+func (s *BoltStore) GetIdempotency(ctx context.Context, id string) (*IdempotencyRecord, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, boltErr("get idempotency record", err)
+	}
 	var rec *IdempotencyRecord
 	err := s.db.View(func(tx *bolt.Tx) error {
 		var err error
@@ -480,7 +526,10 @@ func tokenMatches(stored, presented string) bool {
 }
 
 // ReplaceIdempotency implements [Store.ReplaceIdempotency].
-func (s *BoltStore) ReplaceIdempotency(_ context.Context, id, token string, rec *IdempotencyRecord, ttl time.Duration) error {
+func (s *BoltStore) ReplaceIdempotency(ctx context.Context, id, token string, rec *IdempotencyRecord, ttl time.Duration) error {
+	if err := ctx.Err(); err != nil {
+		return boltErr("replace idempotency record", err)
+	}
 	if err := validateIdempotency(id, rec, ttl); err != nil {
 		return err
 	}
@@ -507,7 +556,10 @@ func (s *BoltStore) ReplaceIdempotency(_ context.Context, id, token string, rec 
 }
 
 // DeleteIdempotency implements [Store.DeleteIdempotency].
-func (s *BoltStore) DeleteIdempotency(_ context.Context, id, token string) error {
+func (s *BoltStore) DeleteIdempotency(ctx context.Context, id, token string) error {
+	if err := ctx.Err(); err != nil {
+		return boltErr("delete idempotency record", err)
+	}
 	if id == "" {
 		return nil
 	}
@@ -643,7 +695,10 @@ func (s *BoltStore) deleteIfPastRetention(tx *bolt.Tx, digest []byte, now time.T
 }
 
 // Ping implements [Store.Ping]: it fails once the store is closed.
-func (s *BoltStore) Ping(_ context.Context) error {
+func (s *BoltStore) Ping(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return boltErr("ping", err)
+	}
 	return boltErr("ping", s.db.View(func(*bolt.Tx) error { return nil }))
 }
 

@@ -149,7 +149,10 @@ func rebuildLive(tx *bolt.Tx, now time.Time) error {
 
 // CreateLimited implements [Store.CreateLimited] in one transaction: prune
 // the owner's ended entries, compare the count with limit, store.
-func (s *BoltStore) CreateLimited(_ context.Context, k *Key, limit int, now time.Time) error {
+func (s *BoltStore) CreateLimited(ctx context.Context, k *Key, limit int, now time.Time) error {
+	if err := ctx.Err(); err != nil {
+		return boltErr("create key", err)
+	}
 	record, err := checkCreate(k, limit)
 	if err != nil {
 		return err
@@ -194,7 +197,10 @@ func (s *BoltStore) CreateLimited(_ context.Context, k *Key, limit int, now time
 
 // CountLive implements [Store.CountLive]: the owner's count less the
 // entries that ended but were not pruned yet.
-func (s *BoltStore) CountLive(_ context.Context, owner string, now time.Time) (int, error) {
+func (s *BoltStore) CountLive(ctx context.Context, owner string, now time.Time) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, boltErr("count live keys", err)
+	}
 	var n int64
 	err := s.db.View(func(tx *bolt.Tx) error {
 		oh := ownerHash(owner)

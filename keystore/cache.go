@@ -12,7 +12,11 @@ package keystore
 //
 // The background loop re-reads every record used in the last WarmFor (5
 // minutes) once it is Refresh old, in batches (one MGET for up to 128 keys
-// on Redis). So a key in use, even one used once a minute, is always
+// on Redis). A store that keeps a records version (Redis, not on a
+// Cluster: see RedisStore.RecordsVersion) spares most of that: while the
+// version does not move, one read of it confirms every record read since it
+// last moved, and records are re-read only after it moved, and every 5
+// minutes regardless. So a key in use, even one used once a minute, is always
 // answered from the cache, and the store sees a handful of commands per
 // second however many requests there are; and such a key keeps working
 // through a store outage (its record was read moments before).
@@ -41,6 +45,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"math"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -73,8 +78,6 @@ const (
 	// yields between batches, so a refresh of many records does not hold
 	// up requests on a server with a single CPU.
 	refreshBatch = 128
-	// maxRefreshTick is the longest pause of the background refresh loop.
-	maxRefreshTick = time.Second
 	// probeInterval is how often an unreachable store is pinged.
 	probeInterval = 250 * time.Millisecond
 	// WarmFor is how long after its last use a record keeps being re-read
@@ -89,9 +92,10 @@ const (
 const coarseResolution = 10 * time.Millisecond
 
 // sharedCoarseClock is the clock of every cache: of otter's expiry and,
-// unless CacheOptions.Now is set, of the freshness decisions.
-var sharedCoarseClock = sync.OnceValue(func() *otter.CoarseClock {
-	return otter.NewCoarseClock(coarseResolution)
+// unless CacheOptions.Now is set, of the freshness decisions. It parks
+// after a second without reads (see idleClock).
+var sharedCoarseClock = sync.OnceValue(func() *idleClock {
+	return newIdleClock(coarseResolution, int(time.Second/coarseResolution))
 })
 
 // ErrUnavailable is returned by [CachedStore.Lookup] when the store cannot
@@ -223,7 +227,13 @@ type CacheObserver interface {
 // straight to the underlying store.
 type CachedStore struct {
 	inner       Store
-	bulk        bulkReader   // inner, if it reads many digests at once
+	bulk        bulkReader      // inner, if it reads many digests at once
+	ver         versionReader   // inner, if it keeps a records version
+	versions    []versionSample // of the refresh loop's passes, oldest first
+	lastFull    atomic.Int64    // when the refresh last ignored the version (preciseNano)
+	walkedSince int64           // the coverage the refresh last walked the records for
+	conf        atomic.Pointer[confirmation]
+	preciseNano func() int64
 	raw         rawReader    // inner, if it can also hand records undecoded
 	seed        maphash.Seed // of the records' checksums
 	pos         *otter.Cache[Digest, CachedKey]
@@ -262,6 +272,12 @@ type bulkReader interface {
 	ByDigests(ctx context.Context, ds []Digest) ([]*Key, error)
 }
 
+// versionReader is implemented by stores that keep a version of their key
+// records (see [RedisStore.RecordsVersion]).
+type versionReader interface {
+	RecordsVersion(ctx context.Context) (v int64, ok bool, err error)
+}
+
 // rawReader is implemented by stores that can hand records undecoded: the
 // cache keeps a checksum of each, and a background refresh decodes only
 // the records that changed.
@@ -287,11 +303,14 @@ func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
 	}
 	if opts.Now != nil {
 		c.nowNano = func() int64 { return opts.Now().UnixNano() }
+		c.preciseNano = c.nowNano
 	} else {
 		c.nowNano = sharedCoarseClock().NowNano
+		c.preciseNano = func() int64 { return time.Now().UnixNano() }
 	}
 	c.bulk, _ = inner.(bulkReader)
 	c.raw, _ = inner.(rawReader)
+	c.ver, _ = inner.(versionReader)
 	c.seed = maphash.MakeSeed()
 	if err := c.Configure(opts); err != nil {
 		return nil, err
@@ -412,7 +431,7 @@ func (c *CachedStore) Lookup(ctx context.Context, d Digest) (CachedKey, error) {
 			return e, nil
 		}
 		// Too old to be served while the store is reachable.
-		age := now - e.st.loadedAt.Load()
+		age := now - c.confirmedAt(e.st)
 		if !c.down.Load() {
 			c.obs.CacheLookup(LookupMiss)
 			fresh, err := c.reload(ctx, d)
@@ -468,7 +487,7 @@ func (c *CachedStore) servable(e CachedKey, now int64, gen uint64) bool {
 	if now-st.lastUsed.Load() >= usedResolution {
 		st.lastUsed.Store(now)
 	}
-	age := now - st.loadedAt.Load()
+	age := now - c.confirmedAt(st)
 	if age < c.refresh.Load() {
 		c.obs.CacheLookup(LookupHit)
 		return true
@@ -612,29 +631,178 @@ func (c *CachedStore) refreshLoop() {
 		if !c.disabled.Load() && !c.down.Load() {
 			c.refreshDue()
 		}
-		t.Reset(min(maxRefreshTick, time.Duration(c.refresh.Load()/2)))
+		t.Reset(c.refreshTick())
 	}
 }
 
-// refreshDue re-reads every record in use that is older than Refresh.
+// refreshTick is the pause of the refresh loop: short enough that a record
+// due at Refresh is refreshed before TTL, long enough that a cache of many
+// records is not walked more often than it needs to be.
+func (c *CachedStore) refreshTick() time.Duration {
+	refresh, ttl := c.refresh.Load(), c.ttl.Load()
+	return max(time.Duration(min(refresh/2, (ttl-refresh)/2)), 10*time.Millisecond)
+}
+
+// versionSample is a records version (see [RedisStore.RecordsVersion]) and
+// the precise time its read returned.
+type versionSample struct{ at, v int64 }
+
+// fullRefreshEvery is how often the refresh re-reads every record in use
+// even though the records version says nothing changed.
+const fullRefreshEvery = 5 * time.Minute
+
+// maxVersionSamples bounds the history of versions the refresh keeps:
+// a few minutes of refresh passes, far more than a record waits to be
+// refreshed.
+const maxVersionSamples = 64
+
+// unchangedSince reads the store's records version and returns the time
+// (cache clock) from which no record has changed: records read since then
+// are still current. It returns math.MaxInt64 when it cannot tell (no
+// version on this store, or it just changed), and ok false when the store
+// failed.
+func (c *CachedStore) unchangedSince() (since int64, ok bool) {
+	since = math.MaxInt64
+	if c.ver == nil {
+		return since, true
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.timeout.Load()))
+	start := time.Now()
+	v, supported, err := c.ver.RecordsVersion(ctx)
+	cancel()
+	c.obs.StoreCall("records_version", time.Since(start), err)
+	if err != nil {
+		if c.ctx.Err() == nil {
+			c.markDown(err)
+		}
+		return since, false
+	}
+	if !supported {
+		return since, true
+	}
+	c.markUp()
+	if now := c.preciseNano(); now-c.lastFull.Load() >= int64(fullRefreshEvery) {
+		// A full pass now and then, whatever the version says: a change
+		// that did not move it (a hand edit, an instance of an earlier
+		// version) is served for at most fullRefreshEvery plus TTL.
+		c.lastFull.Store(now)
+		c.versions = c.versions[:0]
+	}
+	// The earliest pass that saw the same version: nothing changed between
+	// the end of its read and now. A record whose read started after that
+	// is current. (The version read of that pass ended at a precise time;
+	// records are stamped with the cache's clock, which may lag.)
+	for i := len(c.versions) - 1; i >= 0 && c.versions[i].v == v; i-- {
+		since = c.versions[i].at
+	}
+	c.versions = append(c.versions, versionSample{at: c.preciseNano(), v: v})
+	if n := len(c.versions); n > maxVersionSamples {
+		c.versions = append(c.versions[:0], c.versions[n-maxVersionSamples:]...)
+	}
+	return since, true
+}
+
+// confirmation says that every record read from the store at or after
+// since (cache clock) was still current at at: the store's records version
+// had not moved (see unchangedSince).
+// prev is the last confirmation of the previous since, which stays true
+// for the records it covered until they are read again.
+type confirmation struct {
+	since, at int64
+	prev      *confirmation
+}
+
+// confirmedAt returns the latest time at which the record of st is known to
+// have been current: when it was read, or the last confirmation that covers
+// it.
+func (c *CachedStore) confirmedAt(st *entryState) int64 {
+	best := st.loadedAt.Load()
+	loaded := best
+	for cf := c.conf.Load(); cf != nil; cf = cf.prev {
+		if loaded >= cf.since && cf.at > best {
+			best = cf.at
+		}
+	}
+	return best
+}
+
+// confirm records that the records read at or after since were current at
+// at.
+func (c *CachedStore) confirm(since, at int64) {
+	next := &confirmation{since: since, at: at}
+	if cur := c.conf.Load(); cur != nil {
+		if cur.since == since {
+			next.prev = cur.prev
+		} else {
+			next.prev = &confirmation{since: cur.since, at: cur.at}
+		}
+	}
+	c.conf.Store(next)
+}
+
+// refreshDue re-reads every record in use that is older than Refresh,
+// except those the store's records version shows unchanged since they were
+// read: one confirmation covers those, without a read and without a visit.
+// The records are walked only when there may be records to re-read: when
+// the version moved, after a full pass (see unchangedSince), and when
+// there is no version.
 func (c *CachedStore) refreshDue() {
 	now, refresh, gen := c.nowNano(), c.refresh.Load(), c.gen.Load()
+	since, ok := c.unchangedSince()
+	if !ok {
+		return
+	}
+	// A full pass (since unknown) keeps the last confirmation: it is still
+	// true, and the records it covers stay servable while they are read.
+	if since != math.MaxInt64 {
+		// now was read before the version: the records were current then.
+		c.confirm(since, now)
+		if since == c.walkedSince {
+			// Walked already for this coverage: records read before since
+			// and due were re-read then; those read since are covered.
+			return
+		}
+	}
+	c.walkedSince = since
 	var (
-		due  []Digest
-		olds []CachedKey
+		due   []Digest
+		olds  []CachedKey
+		renew []Digest
 	)
 	for d, e := range c.pos.All() {
 		st := e.st
-		if used := st.lastUsed.Load(); st.gen.Load() == gen && used != 0 && now-used < int64(WarmFor) && now-st.loadedAt.Load() >= refresh {
-			due = append(due, d)
-			olds = append(olds, e)
+		loaded := st.loadedAt.Load()
+		if used := st.lastUsed.Load(); st.gen.Load() == gen && used != 0 && now-used < int64(WarmFor) {
+			if loaded >= since {
+				// Covered by the confirmation. Keep it in memory.
+				if c.memoryDue(st, now) {
+					renew = append(renew, d)
+				}
+				continue
+			}
+			if now-loaded >= refresh {
+				due = append(due, d)
+				olds = append(olds, e)
+			}
 		}
+	}
+	for _, d := range renew {
+		c.pos.SetExpiresAfter(d, c.expiry())
 	}
 	for i := 0; i < len(due) && c.ctx.Err() == nil && !c.down.Load(); i += refreshBatch {
 		j := min(i+refreshBatch, len(due))
 		c.refreshBatch(due[i:j], olds[i:j])
 		runtime.Gosched()
 	}
+}
+
+// memoryDue reports whether the memory of a renewed record (otter's expiry,
+// see expiry) should be renewed too: once half of it has passed, rather
+// than on every refresh, which would cost a write to otter's timer wheel per
+// record every Refresh.
+func (c *CachedStore) memoryDue(st *entryState, now int64) bool {
+	set := st.expirySet.Load()
+	return now-set >= int64(c.expiry())/2 && st.expirySet.CompareAndSwap(set, now)
 }
 
 // refreshBatch re-reads the records of ds and updates each cached entry
@@ -645,6 +813,12 @@ func (c *CachedStore) refreshDue() {
 func (c *CachedStore) refreshBatch(ds []Digest, olds []CachedKey) {
 	gen := c.gen.Load()
 	loadedAt := c.nowNano()
+	if n := len(c.versions); n > 0 {
+		// The read starts after the last version read ended: stamping it
+		// with that precise time (the cache's clock may lag) keeps it
+		// covered by the confirmations that follow.
+		loadedAt = max(loadedAt, c.versions[n-1].at)
+	}
 	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.timeout.Load()))
 	nexts, err := c.readBatch(ctx, ds, olds, loadedAt, gen)
 	cancel()
@@ -674,7 +848,7 @@ func (c *CachedStore) refreshBatch(ds []Digest, olds []CachedKey) {
 				return next, otter.WriteOp
 			}
 		})
-		if renewed {
+		if renewed && c.memoryDue(old.st, loadedAt) {
 			// Not inside the function above: it holds otter's lock.
 			c.pos.SetExpiresAfter(d, c.expiry())
 		}

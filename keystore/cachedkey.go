@@ -52,7 +52,10 @@ type entryState struct {
 	gen      atomic.Uint64 // the cache's flush generation it was read in
 	lastUsed atomic.Int64  // unix nanoseconds, to usedResolution; 0: never
 	noted    atomic.Int64  // unix second of the last NoteUse that said true
-	sum      uint64        // maphash of the stored record if read raw, else 0; set before it is cached
+	// expirySet is when otter's expiry of the entry was last set (unix
+	// nanoseconds): on its write, then by the refresh (see memoryDue).
+	expirySet atomic.Int64
+	sum       uint64 // maphash of the stored record if read raw, else 0; set before it is cached
 }
 
 // FullAccessScopes is what [CachedKey.Scopes] returns for a full-access key.
@@ -66,6 +69,7 @@ func newCachedKey(k *Key, loadedAt int64, gen uint64) CachedKey {
 	ck.st = new(entryState)
 	ck.st.loadedAt.Store(loadedAt)
 	ck.st.gen.Store(gen)
+	ck.st.expirySet.Store(loadedAt)
 	return ck
 }
 

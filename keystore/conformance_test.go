@@ -68,6 +68,8 @@ func runConformance(t *testing.T, b backend) {
 		{"CreateLimitedConcurrent", testCreateLimitedConcurrent},
 		{"CountLive", testCountLive},
 		{"Status", testStatus},
+		{"ListFilteredBounded", testListFilteredBounded},
+		{"CanceledContext", testCanceledContext},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

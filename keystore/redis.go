@@ -10,8 +10,13 @@ package keystore
 //	<ns>:id:<key ID>           string  hex digest of the key
 //	<ns>:digest:<hex digest>   string  JSON Key record
 //	<ns>:owner:<sha256 owner>  zset    index members, all scores 0 (see index.go)
-//	<ns>:used:<key ID>         string  last use, unix milliseconds (decimal)
+//	<ns>:lastused:<b>          hash    key ID -> last use, unix milliseconds
+//	                                   (decimal); b is one hex digit of the
+//	                                   ID's CRC32, 16 buckets (redis_usage.go)
+//	<ns>:used:<key ID>         string  last use as above, as written before
+//	                                   the buckets; still read, never written
 //	<ns>:idem:<record ID>      string  "<token>\n<JSON IdempotencyRecord>", with a TTL
+//	<ns>:version               string  counter of record changes (not on a cluster)
 //	<ns>:live:{<sha256 owner>}[:ready]  the live-key index (see redis_live.go)
 //
 // Create reserves the key's place in the live index (checking the owner's
@@ -26,10 +31,12 @@ package keystore
 // it on the id and digest keys as it writes them; Update sets it on the
 // digest key in the same transaction as the record, then on the id and used
 // keys, and re-reads the record to repair a race with another Update.
-// RecordUsage copies the id key's TTL to the used key. Reads treat a missing
-// record as a missing key, and List removes owner-index members whose id
-// key is gone (it is written before the member, so a Create in flight always
-// has one).
+// Last-use times live in 16 bucket hashes, so that RecordUsage writes
+// thousands of them with a handful of commands; a field outlives its key
+// until List walks past the key's index member and removes both. Reads
+// treat a missing record as a missing key, and List removes owner-index
+// members whose id key is gone (it is written before the member, so a
+// Create in flight always has one).
 
 import (
 	"context"
@@ -38,7 +45,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -310,6 +316,33 @@ func (s *RedisStore) ownerKey(owner string) string {
 	return s.ns + ":owner:" + ownerHash(owner)
 }
 func (s *RedisStore) idemKey(id string) string { return s.ns + ":idem:" + id }
+func (s *RedisStore) versionKey() string       { return s.ns + ":version" }
+
+// cluster reports whether the store is on a Redis Cluster.
+func (s *RedisStore) cluster() bool {
+	_, ok := s.c.(*redis.ClusterClient)
+	return ok
+}
+
+// RecordsVersion returns a number that every change of a stored key record
+// (Update and Revoke) increases in the same transaction as the change, so
+// that a cache can tell that none of the records it holds changed since it
+// last read the number, without reading them (see CachedStore). ok is false
+// on a Redis Cluster, where the record and the number live on different
+// nodes: there a cache re-reads its records.
+func (s *RedisStore) RecordsVersion(ctx context.Context) (v int64, ok bool, err error) {
+	if s.cluster() {
+		return 0, false, nil
+	}
+	v, err = s.c.Get(ctx, s.versionKey()).Int64()
+	if errors.Is(err, redis.Nil) {
+		return 0, true, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("keystore: redis get records version: %w", err)
+	}
+	return v, true, nil
+}
 func (s *RedisStore) usedKey(id string) string { return s.ns + ":used:" + id }
 
 // expireAt returns when the Redis keys of k expire under retention, in unix
@@ -488,10 +521,13 @@ func (s *RedisStore) Get(ctx context.Context, id string) (*Key, error) {
 	if err != nil {
 		return nil, err
 	}
-	var recCmd, usedCmd *redis.StringCmd
+	var (
+		recCmd  *redis.StringCmd
+		usedCmd usedCmds
+	)
 	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
 		recCmd = p.Get(ctx, s.digestKey(digestHex))
-		usedCmd = p.Get(ctx, s.usedKey(id))
+		usedCmd = s.queueUsed(ctx, p, id)
 		return nil
 	})
 	data, err := recCmd.Bytes()
@@ -510,28 +546,10 @@ func (s *RedisStore) Get(ctx context.Context, id string) (*Key, error) {
 		// key (it failed with ErrConflict); the ID names no key.
 		return nil, ErrNotFound
 	}
-	if k.LastUsedAt, err = parseUsed(usedCmd); err != nil {
+	if k.LastUsedAt, err = usedCmd.time(); err != nil {
 		return nil, fmt.Errorf("keystore: redis get key (last used): %w", err)
 	}
 	return k, nil
-}
-
-// parseUsed returns the time a GET of a used key read: nil if there is
-// none (or it is not a number, which only a foreign write could cause).
-func parseUsed(cmd *redis.StringCmd) (*time.Time, error) {
-	v, err := cmd.Result()
-	if errors.Is(err, redis.Nil) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	ms, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || ms <= 0 {
-		return nil, nil
-	}
-	t := time.UnixMilli(ms).UTC()
-	return &t, nil
 }
 
 // List implements [Store.List]. It walks the owner's index backwards in
@@ -556,8 +574,17 @@ func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) 
 	var (
 		keys    []*Key
 		members []string
+		skipped int
 	)
 	for len(keys) <= limit {
+		if skipped >= maxListSkip {
+			// Walked past many members without a record: return what
+			// was found, and go on from here next time.
+			return keys, strings.TrimPrefix(start, "("), nil
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, "", fmt.Errorf("keystore: redis list keys: %w", err)
+		}
 		want := limit + 1 - len(keys)
 		batch, err := s.c.ZRangeArgs(ctx, redis.ZRangeArgs{
 			Key: ownerKey, Start: start, Stop: "-",
@@ -574,6 +601,8 @@ func (s *RedisStore) List(ctx context.Context, owner, cursor string, limit int) 
 			if k != nil {
 				keys = append(keys, k)
 				members = append(members, batch[i])
+			} else {
+				skipped++
 			}
 		}
 		if len(batch) < want {
@@ -612,8 +641,11 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 	// Per-key GETs rather than MGET: on a cluster the keys live in
 	// different slots, and the pipeline sends each to its node.
 	recCmds := make([]*redis.StringCmd, len(members))
-	usedCmds := make([]*redis.StringCmd, len(members))
-	var gone []any
+	used := make([]usedCmds, len(members))
+	var (
+		gone    []any
+		goneIDs []string
+	)
 	for i, cmd := range idCmds {
 		err := cmd.Err()
 		switch {
@@ -621,6 +653,7 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 			// The id key is written before the member, so a missing one
 			// means retention deleted the key: drop the member.
 			gone = append(gone, members[i])
+			goneIDs = append(goneIDs, ids[i])
 		case err != nil:
 			return nil, fmt.Errorf("keystore: redis list keys (ids): %w", err)
 		}
@@ -629,13 +662,14 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 		for i, cmd := range idCmds {
 			if digestHex, err := cmd.Result(); err == nil {
 				recCmds[i] = p.Get(ctx, s.digestKey(digestHex))
-				usedCmds[i] = p.Get(ctx, s.usedKey(ids[i]))
+				used[i] = s.queueUsed(ctx, p, ids[i])
 			}
 		}
 		if len(gone) > 0 {
 			// Best effort: a failure leaves members that the next List
 			// skips and removes again.
 			p.ZRem(ctx, ownerKey, gone...)
+			s.queueForgetUsed(ctx, p, goneIDs)
 		}
 		return nil
 	})
@@ -658,7 +692,7 @@ func (s *RedisStore) resolve(ctx context.Context, owner, ownerKey string, member
 		if k.ID != ids[i] || k.Owner != owner {
 			continue
 		}
-		if k.LastUsedAt, err = parseUsed(usedCmds[i]); err != nil {
+		if k.LastUsedAt, err = used[i].time(); err != nil {
 			return nil, fmt.Errorf("keystore: redis list keys (last used): %w", err)
 		}
 		out[i] = k
@@ -734,6 +768,11 @@ func (s *RedisStore) Update(ctx context.Context, id string, fn func(*Key) error)
 				// without an expiry drops the old one, for a key whose end
 				// was removed.
 				p.SetArgs(ctx, recKey, record, expireArgs("XX", s.expireAt(next)))
+				if !s.cluster() {
+					// In the same transaction: a cache that sees the
+					// version unchanged knows no record changed.
+					p.Incr(ctx, s.versionKey())
+				}
 				return nil
 			})
 			if errors.Is(err, redis.Nil) {
@@ -820,13 +859,16 @@ func (s *RedisStore) syncExpiry(ctx context.Context, k *Key, recKey string) (*ti
 			}
 		}
 
-		var recCmd, usedCmd *redis.StringCmd
+		var (
+			recCmd  *redis.StringCmd
+			usedCmd usedCmds
+		)
 		_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
 			recCmd = p.Get(ctx, recKey)
-			usedCmd = p.Get(ctx, usedKey)
+			usedCmd = s.queueUsed(ctx, p, id)
 			return nil
 		})
-		lastUsed, err := parseUsed(usedCmd)
+		lastUsed, err := usedCmd.time()
 		if err != nil {
 			return nil, err
 		}
@@ -849,105 +891,6 @@ func (s *RedisStore) syncExpiry(ctx context.Context, k *Key, recKey string) (*ti
 		expireAt, score = want, liveScore(latest)
 	}
 	return nil, errors.New("too much contention, try again")
-}
-
-// recordUsageScript keeps the later of the stored and the given last-use
-// time at KEYS[1] (the used key) and gives it the TTL of its id key:
-// ARGV[1] is the time in unix ms, ARGV[2] the id key's PTTL in ms (-1: no
-// expiry).
-var recordUsageScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-local n = cur and tonumber(cur)
-if not n or n < tonumber(ARGV[1]) then
-	redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
-end
-local ttl = tonumber(ARGV[2])
-if ttl < 0 then
-	redis.call('PERSIST', KEYS[1])
-else
-	redis.call('PEXPIRE', KEYS[1], math.max(ttl, 1))
-end
-return 1
-`)
-
-// RecordUsage implements [Store.RecordUsage] in two pipelines: the PTTL of
-// each ID's id key (a missing one means an unknown or deleted key, which is
-// skipped), then recordUsageScript on each used key, a single-key script
-// that keeps the maximum and copies the id key's expiry, so that the used
-// key goes when retention deletes the key.
-func (s *RedisStore) RecordUsage(ctx context.Context, used map[string]time.Time) error {
-	type usage struct {
-		id string
-		ms int64
-	}
-	batch := make([]usage, 0, len(used))
-	for id, t := range used {
-		if id != "" && !t.IsZero() && t.UnixMilli() > 0 {
-			batch = append(batch, usage{id, t.UnixMilli()})
-		}
-	}
-	if len(batch) == 0 {
-		return nil
-	}
-
-	ttlCmds := make([]*redis.DurationCmd, len(batch))
-	_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for i, u := range batch {
-			ttlCmds[i] = p.PTTL(ctx, s.idKey(u.id))
-		}
-		return nil
-	})
-	type call struct {
-		key  string
-		args []any
-	}
-	var calls []call
-	for i, cmd := range ttlCmds {
-		ttl, err := cmd.Result()
-		if err != nil {
-			return fmt.Errorf("keystore: redis record usage (ttl): %w", err)
-		}
-		if ttl == -2 {
-			continue // no such key (go-redis passes PTTL's -2 and -1 through as is)
-		}
-		ms := int64(-1)
-		if ttl >= 0 {
-			ms = ttl.Milliseconds()
-		}
-		calls = append(calls, call{s.usedKey(batch[i].id), []any{batch[i].ms, ms}})
-	}
-
-	// EVALSHA, then EVAL for any node that did not have the script cached.
-	pending := calls
-	for _, useSha := range []bool{true, false} {
-		if len(pending) == 0 {
-			return nil
-		}
-		cmds := make([]*redis.Cmd, len(pending))
-		_, _ = s.c.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for i, c := range pending {
-				if useSha {
-					cmds[i] = recordUsageScript.EvalSha(ctx, p, []string{c.key}, c.args...)
-				} else {
-					cmds[i] = recordUsageScript.Eval(ctx, p, []string{c.key}, c.args...)
-				}
-			}
-			return nil
-		})
-		var retry []call
-		for i, cmd := range cmds {
-			err := cmd.Err()
-			switch {
-			case err == nil:
-			case useSha && redis.HasErrorPrefix(err, "NOSCRIPT"):
-				retry = append(retry, pending[i])
-			default:
-				return fmt.Errorf("keystore: redis record usage: %w", err)
-			}
-		}
-		pending = retry
-	}
-	return nil
 }
 
 // CountOwner implements [Store.CountOwner] with ZCARD of the owner index,

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -151,8 +152,9 @@ func TestRedisKeyLayout(t *testing.T) {
 	}
 }
 
-// TestRedisExpiryLayout pins how retention shows in Redis: the used key,
-// and the expiry of the id, digest and used keys of a key with an end.
+// TestRedisExpiryLayout pins how retention and last use show in Redis: the
+// expiry of the id and digest keys of a key with an end, and the last-use
+// bucket field.
 func TestRedisExpiryLayout(t *testing.T) {
 	srv := testredis.Start(t)
 	rdb := srv.Client(t)
@@ -163,7 +165,7 @@ func TestRedisExpiryLayout(t *testing.T) {
 	k := newKey(t, "user-1", time.Now())
 	k.ExpiresAt = nil
 	mustCreate(t, s, k)
-	keys := []string{"exp:id:" + k.ID, "exp:digest:" + k.Digest.String(), "exp:used:" + k.ID}
+	keys := []string{"exp:id:" + k.ID, "exp:digest:" + k.Digest.String()}
 	// wantExpiry checks that each of keys expires at at (zero: never).
 	wantExpiry := func(step string, at time.Time) {
 		t.Helper()
@@ -182,8 +184,14 @@ func TestRedisExpiryLayout(t *testing.T) {
 	if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: used}); err != nil {
 		t.Fatal(err)
 	}
-	if got := rdb.Get(ctx, "exp:used:"+k.ID).Val(); got != "1754827200123" {
-		t.Errorf("exp:used:<id> = %q, want unix ms", got)
+	if got := rdb.HGet(ctx, s.usedHashKey(k.ID), k.ID).Val(); got != "1754827200123" {
+		t.Errorf("%s[%s] = %q, want unix ms", s.usedHashKey(k.ID), k.ID, got)
+	}
+	if !strings.HasPrefix(s.usedHashKey(k.ID), "exp:lastused:") || len(s.usedHashKey(k.ID)) != len("exp:lastused:")+1 {
+		t.Errorf("last-use hash %q, want exp:lastused:<hex digit>", s.usedHashKey(k.ID))
+	}
+	if n := rdb.Exists(ctx, "exp:used:"+k.ID).Val(); n != 0 {
+		t.Error("RecordUsage wrote a per-key used key")
 	}
 	wantExpiry("created without an end", time.Time{})
 
@@ -193,12 +201,9 @@ func TestRedisExpiryLayout(t *testing.T) {
 	}
 	wantExpiry("revoked", revokedAt.Add(retention))
 
-	// An earlier expiry brings it forward; RecordUsage keeps it.
+	// An earlier expiry brings it forward.
 	expires := revokedAt.Add(-30 * time.Second)
 	if _, err := s.Update(ctx, k.ID, func(k *Key) error { k.ExpiresAt = &expires; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	wantExpiry("expiry before revocation", expires.Add(retention))
@@ -209,22 +214,137 @@ func TestRedisExpiryLayout(t *testing.T) {
 	}
 	wantExpiry("end removed", time.Time{})
 
-	// A key created with an end expires from the start, and its used key
-	// takes the id key's expiry when RecordUsage first writes it.
+	// A key created with an end expires from the start.
 	e := newKey(t, "user-1", time.Now())
 	mustCreate(t, s, e)
-	if err := s.RecordUsage(ctx, map[string]time.Time{e.ID: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	keys = []string{"exp:id:" + e.ID, "exp:digest:" + e.Digest.String(), "exp:used:" + e.ID}
+	keys = []string{"exp:id:" + e.ID, "exp:digest:" + e.Digest.String()}
 	wantExpiry("created with an end", e.ExpiresAt.Add(retention))
 
 	// RecordUsage of an unknown ID writes nothing.
 	if err := s.RecordUsage(ctx, map[string]time.Time{"key_unknown": time.Now()}); err != nil {
 		t.Fatal(err)
 	}
-	if n := rdb.Exists(ctx, "exp:used:key_unknown").Val(); n != 0 {
-		t.Error("RecordUsage wrote a used key for an unknown ID")
+	if rdb.HExists(ctx, s.usedHashKey("key_unknown"), "key_unknown").Val() {
+		t.Error("RecordUsage wrote a last-use field for an unknown ID")
+	}
+}
+
+// TestRedisLegacyUsedKey: a last-use time written by an earlier version (a
+// per-key string with the key's expiry) is still read, the later of it and
+// the bucket field wins, and Update still moves its expiry with the key's.
+func TestRedisLegacyUsedKey(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+	s := newRedisStore(t, srv, RedisOptions{Namespace: "legacy", Retention: time.Hour})
+	ctx := ctxT(t)
+	k := newKey(t, "user-1", time.Now())
+	k.ExpiresAt = nil
+	mustCreate(t, s, k)
+
+	old := time.UnixMilli(1754827200123).UTC()
+	if err := rdb.Set(ctx, "legacy:used:"+k.ID, old.UnixMilli(), 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got := getKey(t, s, k.ID).LastUsedAt; !sameTimePtr(got, &old) {
+		t.Errorf("Get: last used %v, want the legacy %v", got, old)
+	}
+	earlier := old.Add(-time.Hour)
+	if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: earlier}); err != nil {
+		t.Fatal(err)
+	}
+	if got := getKey(t, s, k.ID).LastUsedAt; !sameTimePtr(got, &old) {
+		t.Errorf("after an earlier RecordUsage: last used %v, want the legacy %v", got, old)
+	}
+	later := old.Add(time.Hour)
+	if err := s.RecordUsage(ctx, map[string]time.Time{k.ID: later}); err != nil {
+		t.Fatal(err)
+	}
+	keys, _, err := s.List(ctx, "user-1", "", 10)
+	if err != nil || len(keys) != 1 || !sameTimePtr(keys[0].LastUsedAt, &later) {
+		t.Fatalf("List: %v, %v; want last used %v", keys, err, later)
+	}
+	revoked, err := s.Revoke(ctx, k.ID, time.Now())
+	if err != nil || !sameTimePtr(revoked.LastUsedAt, &later) {
+		t.Fatalf("Revoke: %v, %v; want last used %v", revoked, err, later)
+	}
+	if ttl := rdb.PTTL(ctx, "legacy:used:"+k.ID).Val(); ttl <= 0 {
+		t.Errorf("legacy used key has TTL %s after revocation, want the key's retention", ttl)
+	}
+}
+
+// TestRedisRecordUsageCommands: recording the last use of 10,000 keys costs
+// Redis a few commands per bucket, not a few per key, counted by the
+// server itself (INFO commandstats counts the commands a script runs), on a
+// server that has never seen the script (the first call loads it once per
+// bucket, not once per key) and again once it has.
+func TestRedisRecordUsageCommands(t *testing.T) {
+	srv := testredis.Start(t)
+	rdb := srv.Client(t)
+	s := newRedisStore(t, srv, RedisOptions{Namespace: "flush"})
+	ctx := ctxT(t)
+	const n = 10_000
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("key_%05d", i)
+	}
+	// The id keys only (RecordUsage reads nothing else), written directly.
+	for i := 0; i < n; i += 1000 {
+		var pairs []any
+		for _, id := range ids[i : i+1000] {
+			pairs = append(pairs, "flush:id:"+id, "00")
+		}
+		if err := rdb.MSet(ctx, pairs...).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := rdb.ScriptFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	commands := func() map[string]int64 {
+		info := rdb.Info(ctx, "commandstats").Val()
+		out := map[string]int64{}
+		for _, line := range strings.Split(info, "\n") {
+			name, rest, ok := strings.Cut(strings.TrimPrefix(strings.TrimSpace(line), "cmdstat_"), ":calls=")
+			if !ok || name == "info" || name == "config|resetstat" {
+				continue
+			}
+			var calls int64
+			fmt.Sscan(strings.SplitN(rest, ",", 2)[0], &calls)
+			out[name] = calls
+			out[""] += calls
+		}
+		return out
+	}
+	// Bound: per usageChunk IDs one MGET, and per bucket chunk one
+	// EVALSHA with its HMGET and HSET (plus an EVAL the first time).
+	chunks := n/usageChunk + 1
+	bound := int64(chunks + 4*(chunks+usageBuckets))
+	for _, round := range []string{"fresh server", "script cached"} {
+		at := time.Now().Truncate(time.Millisecond)
+		used := make(map[string]time.Time, n)
+		for _, id := range ids {
+			used[id] = at
+		}
+		if err := rdb.ConfigResetStat(ctx).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.RecordUsage(ctx, used); err != nil {
+			t.Fatal(err)
+		}
+		got := commands()
+		t.Logf("%s: %d commands for %d keys: %v", round, got[""], n, got)
+		if got[""] > bound {
+			t.Errorf("%s: %d Redis commands to record %d keys' last use, want at most %d", round, got[""], n, bound)
+		}
+		if round == "script cached" && got["eval"] > 0 {
+			t.Errorf("%s: %d EVALs; the script should be sent by SHA", round, got["eval"])
+		}
+		for _, id := range []string{ids[0], ids[n/2], ids[n-1]} {
+			if v := rdb.HGet(ctx, s.usedHashKey(id), id).Val(); v != strconv.FormatInt(at.UnixMilli(), 10) {
+				t.Errorf("%s: %s last used %q, want %d", round, id, v, at.UnixMilli())
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
 	}
 }
 
@@ -268,7 +388,7 @@ func TestRedisConcurrentEndChanges(t *testing.T) {
 		wg.Wait()
 
 		recTTL := rdb.PTTL(ctx, "race:digest:"+k.Digest.String()).Val()
-		for _, key := range []string{"race:id:" + k.ID, "race:used:" + k.ID} {
+		for _, key := range []string{"race:id:" + k.ID} {
 			ttl := rdb.PTTL(ctx, key).Val()
 			if (ttl < 0) != (recTTL < 0) || (ttl-recTTL).Abs() > time.Second {
 				t.Errorf("round %d: %s has TTL %s, its record %s", round, key, ttl, recTTL)
@@ -353,7 +473,7 @@ func TestRedisUpdateRepairsStaleExpiry(t *testing.T) {
 	if got.RevokedAt != nil {
 		t.Fatalf("the later Update was lost: revoked at %v", got.RevokedAt)
 	}
-	for _, key := range []string{"stale:id:" + k.ID, "stale:digest:" + k.Digest.String(), "stale:used:" + k.ID} {
+	for _, key := range []string{"stale:id:" + k.ID, "stale:digest:" + k.Digest.String()} {
 		if ttl := rdb.PTTL(ctx, key).Val(); ttl != -1 {
 			t.Errorf("%s has TTL %s; the key has no end and must be kept", key, ttl)
 		}
