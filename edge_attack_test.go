@@ -9,13 +9,10 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -23,82 +20,6 @@ import (
 // The tests in this file began as attacks that worked against the edge
 // (a fresh attacker's review of the first edge conformance fix); each now
 // holds its fix. Their comments describe the attack and why it mattered.
-
-// attackGateway is a real Caddy like startEdgeGateway's, with one site per
-// named backend, a configurable global options block and reverse_proxy
-// body, and the same apikeys config (the README's scope rules).
-type attackGateway struct {
-	sites     map[string]string // backend name -> site address
-	analytics string
-	webhooks  string
-	full      string
-}
-
-func startAttackGateway(t *testing.T, global, proxyBody string, backends map[string]string) *attackGateway {
-	t.Helper()
-	storePath := filepath.Join(t.TempDir(), "keys.db")
-	g := &attackGateway{sites: map[string]string{}}
-	var sites strings.Builder
-	for name, backend := range backends {
-		port := freePort(t)
-		g.sites[name] = fmt.Sprintf("127.0.0.1:%d", port)
-		fmt.Fprintf(&sites, `
-http://:%d {
-	apikeys {
-		store file %s
-		secret {env.APIKEYS_TEST_SECRET}
-		dashboard_jwt {
-			secret {env.APIKEYS_TEST_JWT_SECRET}
-			issuer %s
-			audience %s
-		}
-		scope analytics:read GET /v1/analytics /v1/analytics/*
-		scope webhooks:manage /v1/webhooks/*
-	}
-	reverse_proxy %s {
-		%s
-	}
-}
-`, port, storePath, testIssuer, testAudience, backend, proxyBody)
-	}
-	cfg := "{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\t" + global + "\n}\n" + sites.String()
-	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfgJSON, true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stopCaddy(t) })
-	var any string
-	for _, a := range g.sites {
-		any = a
-		break
-	}
-	mint := func(body string) string {
-		req, _ := http.NewRequest("POST", "http://"+any+"/v1/apikeys", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, "edge-owner"))
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var out struct {
-			Data struct {
-				Key string `json:"key"`
-			} `json:"data"`
-		}
-		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 201 {
-			t.Fatalf("minting a key: %d %v", resp.StatusCode, err)
-		}
-		return out.Data.Key
-	}
-	g.analytics = mint(`{"name":"analytics","scopes":["analytics:read"]}`)
-	g.webhooks = mint(`{"name":"webhooks","scopes":["webhooks:manage"]}`)
-	g.full = mint(`{"name":"full"}`)
-	return g
-}
 
 // newOverrideBackend is the edge ServeMux with a DELETE route on the
 // analytics resource, behind the method-override middleware the guard's
@@ -187,12 +108,12 @@ func newOverrideBackendParsing(t *testing.T, parse func(rawQuery string) url.Val
 // HiddenHttpMethodFilter honour the query parameter on POST only, which
 // matters for rules that allow POST but not DELETE.)
 func TestEdgeMethodOverrideQuerySpellings(t *testing.T) {
-	g := startAttackGateway(t, "", "", map[string]string{
+	g := startSites(t, edgeSites{backends: map[string]string{
 		"amp":  newOverrideBackend(t, false),
 		"semi": newOverrideBackend(t, true),
 		"php":  newOverrideBackendParsing(t, phpQuery),
 		"node": newOverrideBackendParsing(t, nodeQuery),
-	})
+	}})
 	// The rule works for the plain spelling: the guard refuses.
 	for _, site := range []string{"amp", "semi", "php", "node"} {
 		if resp := sendRaw(t, g.sites[site], getRaw("GET", "/v1/analytics/daily?_method=DELETE", g.analytics)); resp.status != 403 {
@@ -271,7 +192,7 @@ func TestEdgeMalformedBodyIs4xx(t *testing.T) {
 		}
 	})
 	t.Run("passive health checks", func(t *testing.T) {
-		g := startAttackGateway(t, "", "fail_duration 30s\n\t\tmax_fails 1", map[string]string{"mux": newMuxBackend(t)})
+		g := startSites(t, edgeSites{proxyBody: "fail_duration 30s\n\t\tmax_fails 1", backends: map[string]string{"mux": newMuxBackend(t)}})
 		addr := g.sites["mux"]
 		if resp := sendRaw(t, addr, getRaw("GET", "/v1/webhooks/1", g.full)); resp.status != 200 {
 			t.Fatalf("before: a full-access key got %d", resp.status)
@@ -336,7 +257,7 @@ func TestEdgeTrailerSmugglingCapturesNothing(t *testing.T) {
 		}
 		_, _ = io.WriteString(w, "stored")
 	})})
-	g := startAttackGateway(t, "", "", map[string]string{"store": store})
+	g := startSites(t, edgeSites{backends: map[string]string{"store": store}})
 	victim := "GET /v1/analytics/daily HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + g.full + "\r\n\r\n"
 	smuggled := "POST /v1/webhooks/1 HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer " + g.webhooks + "\r\n" +
 		fmt.Sprintf("Content-Length: %d\r\n", len(victim)) + "X-Pad: " + strings.Repeat("a", 5000) + "\r\n\r\n"
@@ -388,8 +309,8 @@ func cgiName(header string) string {
 // HTTP_X_HTTP_METHOD_OVERRIDE and HTTP_X_ORIGINAL_URL, the variables PHP
 // frameworks read, with nothing checked.
 func TestEdgeAllowlistedSpellingsOfOverrideHeaders(t *testing.T) {
-	g := startAttackGateway(t, "servers {\n\t\texpected_underscore_headers x_*\n\t\texpected_dot_headers x.*\n\t}",
-		"", map[string]string{"raw": newRawEcho(t)})
+	g := startSites(t, edgeSites{global: "servers {\n\t\texpected_underscore_headers x_*\n\t\texpected_dot_headers x.*\n\t}",
+		backends: map[string]string{"raw": newRawEcho(t)}})
 	addr := g.sites["raw"]
 	for _, tc := range []struct {
 		header string // the line sent

@@ -192,23 +192,42 @@ func serveRawEcho(conn net.Conn) {
 	fmt.Fprintf(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
 }
 
-// edgeGateway is a real Caddy with one site per backend, all behind the
-// same apikeys config (the README's scope rules) and store.
-type edgeGateway struct {
-	mux, raw, h2c string // the sites' addresses
-	analytics     string // a key with analytics:read
-	webhooks      string // a key with webhooks:manage
-	full          string // a full-access key
+// edgeSites describes a real Caddy for the edge tests: one site per
+// backend, all behind the same apikeys config (the README's scope rules)
+// and store.
+type edgeSites struct {
+	global    string            // global options
+	extra     string            // more apikeys subdirectives
+	proxyBody string            // the reverse_proxy block's body
+	backends  map[string]string // site name -> backend address
 }
 
+// edgeGateway is a running edgeSites with three keys minted.
+type edgeGateway struct {
+	sites         map[string]string // site name -> address
+	mux, raw, h2c string            // startEdgeGateway's sites
+	analytics     string            // a key with analytics:read
+	webhooks      string            // a key with webhooks:manage
+	full          string            // a full-access key
+}
+
+// startEdgeGateway starts sites for the ServeMux, rawEcho and h2c backends.
 func startEdgeGateway(t *testing.T, extra string) *edgeGateway {
 	t.Helper()
-	backends := map[string]string{"mux": newMuxBackend(t), "raw": newRawEcho(t), "h2c": newH2CBackend(t)}
+	g := startSites(t, edgeSites{extra: extra, backends: map[string]string{
+		"mux": newMuxBackend(t), "raw": newRawEcho(t), "h2c": newH2CBackend(t)}})
+	g.mux, g.raw, g.h2c = g.sites["mux"], g.sites["raw"], g.sites["h2c"]
+	return g
+}
+
+func startSites(t *testing.T, cfg edgeSites) *edgeGateway {
+	t.Helper()
 	storePath := filepath.Join(t.TempDir(), "keys.db")
-	ports := map[string]int{}
+	g := &edgeGateway{sites: map[string]string{}}
 	var sites strings.Builder
-	for _, name := range []string{"mux", "raw", "h2c"} {
-		ports[name] = freePort(t)
+	for name, backend := range cfg.backends {
+		port := freePort(t)
+		g.sites[name] = fmt.Sprintf("127.0.0.1:%d", port)
 		fmt.Fprintf(&sites, `
 http://:%d {
 	apikeys {
@@ -223,12 +242,14 @@ http://:%d {
 		scope webhooks:manage /v1/webhooks/*
 		%s
 	}
-	reverse_proxy %s
-}
-`, ports[name], storePath, testIssuer, testAudience, extra, backends[name])
+	reverse_proxy %s {
+		%s
 	}
-	cfg := "{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n}\n" + sites.String()
-	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+}
+`, port, storePath, testIssuer, testAudience, cfg.extra, backend, cfg.proxyBody)
+	}
+	caddyfile := "{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\t" + cfg.global + "\n}\n" + sites.String()
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,12 +257,13 @@ http://:%d {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { stopCaddy(t) })
-	g := &edgeGateway{}
-	g.mux = fmt.Sprintf("127.0.0.1:%d", ports["mux"])
-	g.raw = fmt.Sprintf("127.0.0.1:%d", ports["raw"])
-	g.h2c = fmt.Sprintf("127.0.0.1:%d", ports["h2c"])
+	var site string
+	for _, a := range g.sites {
+		site = a
+		break
+	}
 	mint := func(body string) string {
-		req, _ := http.NewRequest("POST", "http://"+g.mux+"/v1/apikeys", strings.NewReader(body))
+		req, _ := http.NewRequest("POST", "http://"+site+"/v1/apikeys", strings.NewReader(body))
 		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, "edge-owner"))
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := http.DefaultClient.Do(req)

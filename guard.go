@@ -537,51 +537,34 @@ func nextQueryMethod(q string) (method, rest string, found bool) {
 }
 
 // isMethodParam reports whether an encoded query parameter name reads as
-// `_method` to some backend (see queryMethods). It does not allocate.
+// `_method` to some backend (see nextQueryMethod). Only a name with '%' or
+// '+' is decoded (and allocates).
 func isMethodParam(name string) bool {
+	if strings.ContainsAny(name, "%+") {
+		d, err := url.QueryUnescape(name)
+		if err != nil {
+			return false // refused by every parser that decodes names
+		}
+		name = d
+	}
 	const want = "_method"
-	n := 0 // bytes of want matched
-	for i := 0; i < len(name); i++ {
+	if len(name) < len(want) {
+		return false
+	}
+	for i := 0; i < len(want); i++ {
 		c := name[i]
 		switch c {
-		case '+':
-			c = ' '
-		case '%':
-			if i+2 >= len(name) {
-				break
-			}
-			hi, ok1 := unhexByte(name[i+1])
-			lo, ok2 := unhexByte(name[i+2])
-			if ok1 && ok2 {
-				c = hi<<4 | lo
-				i += 2
-			}
-		}
-		if n == len(want) {
-			return c == '[' // PHP: _method[] and _method[x] are _method
-		}
-		switch c {
 		case '.', ' ', '[':
-			c = '_'
+			c = '_' // PHP
+		case 'M', 'E', 'T', 'H', 'O', 'D':
+			c |= 0x20 // ASP.NET ignores case
 		}
-		if c|0x20 != want[n] && c != want[n] {
+		if c != want[i] {
 			return false
 		}
-		n++
 	}
-	return n == len(want)
-}
-
-func unhexByte(c byte) (byte, bool) {
-	switch {
-	case '0' <= c && c <= '9':
-		return c - '0', true
-	case 'a' <= c && c <= 'f':
-		return c - 'a' + 10, true
-	case 'A' <= c && c <= 'F':
-		return c - 'A' + 10, true
-	}
-	return 0, false
+	// PHP reads _method[] and _method[x] as _method.
+	return len(name) == len(want) || name[len(want)] == '['
 }
 
 // methodOverrideHeaders are the request headers that backends read as the

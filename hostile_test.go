@@ -1,12 +1,10 @@
 package apikeys
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"path/filepath"
 	"slices"
@@ -192,8 +190,8 @@ func TestHostileRequests(t *testing.T) {
 					"two Authorization fields": "Authorization: Bearer " + alice + "\r\nAuthorization: Bearer " + alice + "\r\n",
 					"space before colon":       "Authorization : Bearer " + alice + "\r\n",
 				} {
-					status := rawRequest(t, addr, "POST /v1/apikeys HTTP/1.1\r\nHost: "+addr+"\r\nContent-Type: application/json\r\n"+
-						head+fmt.Sprintf("Content-Length: %d\r\nConnection: close\r\n\r\n", len(body))+body)
+					status := sendRaw(t, addr, "POST /v1/apikeys HTTP/1.1\r\nHost: "+addr+"\r\nContent-Type: application/json\r\n"+
+						head+fmt.Sprintf("Content-Length: %d\r\nConnection: close\r\n\r\n", len(body))+body).status
 					if status < 400 || status > 499 {
 						t.Errorf("%s: status %d, want a 4xx", name, status)
 					}
@@ -210,27 +208,6 @@ func TestHostileRequests(t *testing.T) {
 			}
 		})
 	}
-}
-
-// rawRequest writes raw bytes as one HTTP/1.1 request and returns the
-// response status.
-func rawRequest(t *testing.T, addr, raw string) int {
-	t.Helper()
-	conn, err := net.DialTimeout("tcp", addr, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(conn, raw); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		t.Fatalf("reading the response: %v", err)
-	}
-	resp.Body.Close()
-	return resp.StatusCode
 }
 
 // TestSpoofedIdentityHeaderVariants sends client copies of the identity
