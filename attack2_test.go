@@ -5,13 +5,19 @@ package apikeys
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 
 	"github.com/caddy-apikeys/caddy-apikeys/secretscanning"
 )
@@ -145,5 +151,90 @@ func TestAttack2SecretScanningKeyListRedirectEscapesPolicy(t *testing.T) {
 	}
 	if r := g.do(request{method: "GET", path: "/v1/x", bearer: victim.Key}); r.status != 200 {
 		t.Errorf("the key was revoked on the strength of that key list: %d", r.status)
+	}
+}
+
+// TestAttack2KeyHeaderUnderscoreSpellingReachesBackend: where the server
+// keeps '_' header names (expected_underscore_headers, as in
+// TestEdgeAllowlistedSpellingsOfOverrideHeaders), X_Api_Key is the key
+// header to a CGI/FastCGI backend (HTTP_X_API_KEY). The guard treats that
+// spelling as the key header for trailers and Connection (isProtected is
+// loose), but not as a credential: a request with key A in Authorization and
+// key B in X_Api_Key is not refused as ambiguous_credentials, and X_Api_Key
+// is not removed, so the backend receives the guard's identity for A next
+// to key B in the variable it reads the key header from.
+func TestAttack2KeyHeaderUnderscoreSpellingReachesBackend(t *testing.T) {
+	backend := newRawEcho(t)
+	port := freePort(t)
+	cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+	servers {
+		expected_underscore_headers x_*
+	}
+}
+http://:%d {
+	apikeys {
+		store file %s
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %s
+			audience %s
+		}
+		scope analytics:read GET /v1/analytics /v1/analytics/*
+		key_header X-API-Key
+	}
+	reverse_proxy %s
+}
+`, port, filepath.Join(t.TempDir(), "keys.db"), testIssuer, testAudience, backend)
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stopCaddy(t) })
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	mint := func(owner, body string) string {
+		req, _ := http.NewRequest("POST", "http://"+addr+"/v1/apikeys", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, owner))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out struct {
+			Data struct {
+				Key string `json:"key"`
+			} `json:"data"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 201 {
+			t.Fatalf("minting: %d %v", resp.StatusCode, err)
+		}
+		return out.Data.Key
+	}
+	a := mint("alice", `{"name":"alice analytics","scopes":["analytics:read"]}`)
+	b := mint("mallory", `{"name":"mallory full"}`)
+
+	resp := sendRaw(t, addr, getRaw("GET", "/v1/analytics/daily", a, "X_Api_Key: "+b))
+	if resp.status == 400 && resp.code == "ambiguous_credentials" {
+		return // held
+	}
+	if resp.status != 200 {
+		t.Fatalf("unexpected answer %d %s", resp.status, resp.body)
+	}
+	var seen rawSeen
+	if err := json.Unmarshal(resp.body, &seen); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range seen.Headers {
+		name, v, _ := strings.Cut(l, ":")
+		if cgiName(name) == "HTTP_X_API_KEY" {
+			t.Errorf("two credentials (Authorization: key A, X_Api_Key: key B) were not refused as ambiguous, and the backend received %q = %s (key B, another owner's) beside X-Api-Key-Owner %q", name, strings.TrimSpace(v)[:12]+"…", seen.header("X-Api-Key-Owner"))
+		}
 	}
 }
