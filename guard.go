@@ -428,6 +428,12 @@ func (h *Handler) stripIdentityHeaders(r *http.Request) {
 		case sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes),
 			sameHeaderLoosely(name, "X-Original-Url") || sameHeaderLoosely(name, "X-Rewrite-Url"):
 			delete(r.Header, name)
+		case h.KeyHeader != "" && name != h.KeyHeader && sameHeaderLoosely(name, h.KeyHeader):
+			// A spelling of the key header is the key header (CGI reads
+			// them as one): gathered under its name, it is a credential
+			// like any other (two are refused) and never forwarded.
+			delete(r.Header, name)
+			r.Header[h.KeyHeader] = append(r.Header[h.KeyHeader], vals...)
 		default:
 			// Spellings of the method-override headers join the canonical
 			// name, which the scope check reads (CGI reads them as one).

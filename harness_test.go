@@ -69,6 +69,10 @@ type gateway struct {
 	client     *http.Client
 }
 
+// testAccessLogFormat is the format of the access log of gateways started
+// afterwards.
+var testAccessLogFormat = "format json"
+
 // testStoreBlock, when set, is the body of the store subdirective's block
 // for gateways started afterwards.
 var testStoreBlock string
@@ -141,7 +145,7 @@ func (g *gateway) load(extra string) error {
 http://127.0.0.1:%[2]d {
 	log {
 		output file %[1]s/access.log
-		format json
+		%[10]s
 	}
 	apikeys {
 		%[3]s
@@ -165,7 +169,7 @@ http://127.0.0.1:%[2]d {
 		header_up X-Auth-Apikey-Scopes {http.auth.apikey.scopes}
 	}
 }
-`, g.logDir, g.port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"), g.jwtExtra, g.secretLine)
+`, g.logDir, g.port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"), g.jwtExtra, g.secretLine, testAccessLogFormat)
 	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
 	if err != nil {
 		return fmt.Errorf("adapting Caddyfile: %w", err)

@@ -293,6 +293,15 @@ func (h *Handler) provision(ctx caddy.Context, events *caddyevents.App) error {
 	if err := h.provisionCore(ctx, ctx.Logger()); err != nil {
 		return err
 	}
+	if h.KeyHeader != "" {
+		// Caddy copies each request for its access log before any handler
+		// runs and redacts only Authorization, Cookie and
+		// Proxy-Authorization there, so the raw key in this header is
+		// logged unless the log's format removes it.
+		h.logger.Warn("key_header: where this site has an access log, keep the raw keys out of it with a log filter (see README)",
+			zap.String("key_header", h.KeyHeader),
+			zap.String("log_format", "format filter { wrap json; request>headers>"+h.KeyHeader+" delete }"))
+	}
 	if h.storeErr != nil {
 		app, err := ctx.App("apikeys")
 		if err != nil {

@@ -126,6 +126,23 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 	if opts.Client == nil {
 		opts.Client = &http.Client{}
 	}
+	// A redirect must obey the rule the source itself does (https, or
+	// plain http to loopback only), or a source could hand the fetch on
+	// to anywhere. The caller's client is copied, not changed.
+	client := *opts.Client
+	client.CheckRedirect = func(req *http.Request, via []*http.Request) error {
+		if len(via) >= 10 {
+			return errors.New("secretscanning: stopped after 10 redirects")
+		}
+		if _, err := checkSource(req.URL.String()); err != nil {
+			return fmt.Errorf("secretscanning: redirect refused: %w", err)
+		}
+		if via[0].URL.Scheme == "https" && req.URL.Scheme != "https" {
+			return errors.New("secretscanning: redirect refused: from https to plain http")
+		}
+		return nil
+	}
+	opts.Client = &client
 	v := &Verifier{opts: opts}
 	isURL, err := checkSource(opts.Source)
 	if err != nil {
@@ -251,7 +268,10 @@ func (v *Verifier) reloadForUnknown(ctx context.Context, keyID string) *keySet {
 		return v.keys.Load()
 	}
 	v.lastOnDemand = now
-	if err := v.reloadLocked(ctx); err != nil {
+	// The reload outlives the request that asked for it: a caller that
+	// hangs up must not cancel the one reload allowed per MinRefetch
+	// (reloadLocked bounds it with FetchTimeout).
+	if err := v.reloadLocked(context.WithoutCancel(ctx)); err != nil {
 		v.report(err)
 	}
 	return v.keys.Load()
