@@ -242,3 +242,34 @@ http://:%d {
 		}
 	}
 }
+
+// TestIdempotencyTTLWithinRetention: an Idempotency-Key record that outlives
+// its key's retention could let a retried create (a take-over of an
+// abandoned request) store the same raw key again after retention deleted
+// the revoked key, so such a config is refused (found in an attacker's
+// review, not demonstrated end to end).
+func TestIdempotencyTTLWithinRetention(t *testing.T) {
+	dir := t.TempDir()
+	cfg := func(block string) string {
+		return fmt.Sprintf(`{
+	admin off
+	persist_config off
+}
+http://127.0.0.1:%d {
+	apikeys {
+		store file %s/keys.db {
+			retention 48h
+		}
+		secret {env.APIKEYS_TEST_SECRET}
+		%s
+	}
+	respond "ok"
+}`, freePort(t), dir, block)
+	}
+	if err := loadCaddyfileErr(t, cfg("idempotency_ttl 72h")); err == nil || !strings.Contains(err.Error(), "must not exceed the store's retention") {
+		t.Errorf("idempotency_ttl 72h with retention 48h: %v, want a refusal", err)
+	}
+	if err := loadCaddyfileErr(t, cfg("idempotency_ttl 24h")); err != nil {
+		t.Errorf("idempotency_ttl 24h with retention 48h: %v", err)
+	}
+}

@@ -105,8 +105,8 @@ type Handler struct {
 	// MaxExpiresInDays caps `expires_in_days` on create. Default: 3650.
 	MaxExpiresInDays int `json:"max_expires_in_days,omitempty"`
 
-	// IdempotencyTTL is how long Idempotency-Key results are kept.
-	// Default: 24h.
+	// IdempotencyTTL is how long Idempotency-Key results are kept; at
+	// most the store's retention. Default: 24h.
 	IdempotencyTTL caddy.Duration `json:"idempotency_ttl,omitempty"`
 
 	// RequireIdempotencyKey makes the Idempotency-Key header mandatory on
@@ -471,6 +471,15 @@ func (h *Handler) Validate() error {
 	}
 	if h.IdempotencyTTL < 0 || h.StoreTimeout < 0 || h.LastUsedInterval < 0 {
 		return errors.New("apikeys: idempotency_ttl, store_timeout and last_used_interval must not be negative")
+	}
+	retention := keystore.DefaultRetention
+	if h.Store != nil && h.Store.Retention > 0 {
+		retention = time.Duration(h.Store.Retention)
+	}
+	if time.Duration(h.IdempotencyTTL) > retention {
+		// A create retried after its key was revoked and then deleted
+		// under retention would store the very same raw key again.
+		return fmt.Errorf("apikeys: idempotency_ttl (%s) must not exceed the store's retention (%s): a retried create could bring back a key that retention deleted", time.Duration(h.IdempotencyTTL), retention)
 	}
 	if h.MaxKeysPerOwner < 1 {
 		return errors.New("apikeys: max_keys_per_owner must be at least 1")
