@@ -345,7 +345,7 @@ func loadCommandConfig(cmd *cobra.Command) ([]byte, error) {
 }
 
 // keyStatuses are the values of a key's status, as listed.
-var keyStatuses = []string{"active", "rotating", "expired", "revoked"}
+var keyStatuses = []string{"active", "rotating", "disabled", "expired", "revoked"}
 
 // cmdLogger is Caddy's logger with --verbose, and no logger without: a
 // command's output is its result, and its errors are its exit status and

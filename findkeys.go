@@ -60,9 +60,9 @@ func (h *Handler) serveFindPrefix(w http.ResponseWriter, r *http.Request, claims
 	}
 	status := q.Get("status")
 	switch status {
-	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked:
+	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked, keystore.StatusDisabled:
 	default:
-		return writeError(w, validationError("status", "`status` must be one of active, rotating, expired, revoked."))
+		return writeError(w, validationError("status", "`status` must be one of active, rotating, disabled, expired, revoked."))
 	}
 	var cursor string
 	if s := q.Get("cursor"); s != "" {
