@@ -91,14 +91,16 @@ func checkMetaShape(raw json.RawMessage) *apiError {
 	}
 }
 
-// asciiJSON returns compact JSON b with every non-ASCII character and DEL
-// written as \uXXXX (surrogate pairs above U+FFFF). Outside strings,
+// asciiJSON returns compact JSON b with every non-ASCII character, DEL and
+// < > & written as \uXXXX (surrogate pairs above U+FFFF); the last three
+// as encoding/json writes them, so that the stored record holds the same
+// bytes. Outside strings,
 // compact JSON holds only ASCII, so b's bytes can be rewritten blindly.
 func asciiJSON(b []byte) []byte {
 	out := make([]byte, 0, len(b))
 	for len(b) > 0 {
 		c := b[0]
-		if c < utf8.RuneSelf && c != 0x7f {
+		if c < utf8.RuneSelf && c != 0x7f && c != '<' && c != '>' && c != '&' {
 			out = append(out, c)
 			b = b[1:]
 			continue

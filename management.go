@@ -242,7 +242,16 @@ type createRequest struct {
 // the Idempotency-Key fingerprint does not depend on member order,
 // whitespace, escapes, number spelling or an explicit null.
 func (req createRequest) meaning() string {
-	b, _ := json.Marshal(req) // cannot fail: strings, a string slice, an int
+	if req.Meta != nil {
+		// Members sorted by name: re-encoded from a map.
+		var v any
+		dec := json.NewDecoder(bytes.NewReader(req.Meta))
+		dec.UseNumber()
+		if dec.Decode(&v) == nil {
+			req.Meta, _ = json.Marshal(v)
+		}
+	}
+	b, _ := json.Marshal(req) // cannot fail: strings, a string slice, an int, valid JSON
 	return string(b)
 }
 
