@@ -4,11 +4,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
 )
 
 // viewMap decodes a response's data as a map of raw members.
@@ -356,5 +362,90 @@ func TestKeyMetaIdempotency(t *testing.T) {
 	}
 	if r := g.do(request{method: "POST", path: "/v1/apikeys", bearer: alice, header: idem, body: `{"name":"m"}`}); r.status != 422 {
 		t.Errorf("no meta under the same Idempotency-Key: %d %s", r.status, r.body)
+	}
+}
+
+// TestCLIDisableEnable: `caddy apikeys disable|enable <key_id>` against
+// the Redis store of a running Caddy, which refuses the key with 403
+// key_disabled at once and accepts it again once enabled.
+func TestCLIDisableEnable(t *testing.T) {
+	rds := testredis.Start(t)
+	port := testcaddy.FreePort(t)
+	caddyfile := fmt.Sprintf(`{
+	admin off
+	persist_config off
+}
+http://127.0.0.1:%d {
+	apikeys {
+		store redis %s
+		secret {env.APIKEYS_TEST_SECRET}
+	}
+	respond "ok" 200
+}
+`, port, rds.URL())
+	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)}, "APIKEYS_TEST_SECRET="+testSecret)
+	cfg := filepath.Join(proc.Dir(), "Caddyfile")
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	run := func(args ...string) (string, error) {
+		t.Helper()
+		cmd := exec.Command(testcaddy.Binary(t), append([]string{"apikeys"}, args...)...)
+		cmd.Env = append(os.Environ(), "APIKEYS_TEST_SECRET="+testSecret)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			return string(out) + stderr.String(), err
+		}
+		return string(out), nil
+	}
+	client := &http.Client{Timeout: 5 * time.Second}
+	until := func(key string, want int) {
+		t.Helper()
+		deadline := time.Now().Add(3 * time.Second)
+		for peerStatus(t, client, base, key) != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("the running Caddy did not answer %d within 3s", want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	out, err := run("create", "--config", cfg, "--owner", "ops", "--name", "cli key")
+	if err != nil {
+		t.Fatalf("create: %v\n%s", err, out)
+	}
+	var env struct{ Data createdKey }
+	if err := json.Unmarshal([]byte(out), &env); err != nil {
+		t.Fatalf("create output: %v\n%s", err, out)
+	}
+	k := env.Data
+	until(k.Key, 200)
+
+	out, err = run("disable", "--config", cfg, k.KeyID)
+	var v struct {
+		Owner   string `json:"owner"`
+		Status  string `json:"status"`
+		Enabled *bool  `json:"enabled"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &v) != nil || v.Owner != "ops" || v.Status != "disabled" || v.Enabled == nil || *v.Enabled {
+		t.Fatalf("disable: %v\n%s", err, out)
+	}
+	until(k.Key, 403)
+	out, err = run("enable", "--config", cfg, k.KeyID)
+	if err != nil || json.Unmarshal([]byte(out), &v) != nil || v.Status != "active" || !*v.Enabled {
+		t.Fatalf("enable: %v\n%s", err, out)
+	}
+	until(k.Key, 200)
+
+	if out, err := run("disable", "--config", cfg, "key_aaaaaaaaaaaaaaaaaaaaaaaa"); err == nil || !strings.Contains(out, "no key") {
+		t.Errorf("disable an unknown key: %v\n%s", err, out)
+	}
+	if out, err := run("revoke", "--config", cfg, k.KeyID); err != nil {
+		t.Fatalf("revoke: %v\n%s", err, out)
+	}
+	if out, err := run("enable", "--config", cfg, k.KeyID); err == nil || !strings.Contains(out, "key_not_active") {
+		t.Errorf("enable a revoked key: %v\n%s", err, out)
+	}
+	if out, err := run("disable", "--config", cfg); err == nil {
+		t.Errorf("disable without a key ID: %s", out)
 	}
 }
