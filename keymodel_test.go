@@ -449,3 +449,90 @@ http://127.0.0.1:%d {
 		t.Errorf("disable without a key ID: %s", out)
 	}
 }
+
+// TestSecretScanningDisable: with `action disable`, a signed report
+// suspends the leaked keys (403 key_disabled, status disabled, audited
+// with reason leaked) instead of revoking them; the owner can enable a key
+// again; a revoked key in a report stays revoked; a repeated report
+// changes nothing.
+func TestSecretScanningDisable(t *testing.T) {
+	gh := newGHSigner(t)
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			ks := newGHKeys(t, gh)
+			g := startGateway(t, kind, secretScanningConfig(ks.URL, "disable"))
+			alice := dashboardToken(t, "alice")
+			leaked := g.create("alice", `{"name":"leaked"}`)
+			gone := g.create("alice", `{"name":"revoked before"}`)
+			kept := g.create("alice", `{"name":"kept"}`)
+			g.do(request{method: "DELETE", path: "/v1/apikeys/" + gone.KeyID, bearer: alice})
+			url := "https://github.com/octo/repo/blob/abc/.env"
+			body := reportBody(t, ghMatch{leaked.Key, "caddy_apikeys", url, "content"},
+				ghMatch{gone.Key, "caddy_apikeys", url, "content"}, ghMatch{unknownKey(t), "caddy_apikeys", url, "content"})
+			status, out := g.report(body, gh.id, gh.sign(t, body), nil)
+			var fb []ghFeedback
+			if status != 200 || json.Unmarshal(out, &fb) != nil || len(fb) != 3 ||
+				fb[0].Label != "true_positive" || fb[1].Label != "true_positive" || fb[2].Label != "false_positive" {
+				t.Fatalf("signed report: %d %s", status, out)
+			}
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: leaked.Key}); r.status != 403 || r.errCode() != "key_disabled" {
+				t.Errorf("a leaked key after the report: %d %s", r.status, r.body)
+			}
+			if v, _ := g.view("alice", leaked.KeyID); v.Status != "disabled" || v.RevokedAt != nil {
+				t.Errorf("the leaked key's view: %+v", v)
+			}
+			if v, _ := g.view("alice", gone.KeyID); v.Status != "revoked" {
+				t.Errorf("a revoked key in the report is now %s", v.Status)
+			}
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: kept.Key}); r.status != 200 {
+				t.Errorf("a key not in the report: %d", r.status)
+			}
+			// Again: nothing changes, still true positives.
+			status, out = g.report(body, gh.id, gh.sign(t, body), nil)
+			if status != 200 || !strings.Contains(string(out), "true_positive") {
+				t.Fatalf("repeated report: %d %s", status, out)
+			}
+			// The owner checked the leak and enables the key again.
+			if r := g.do(request{method: "PATCH", path: "/v1/apikeys/" + leaked.KeyID, bearer: alice, body: `{"enabled":true}`}); r.status != 200 {
+				t.Fatalf("enable: %d %s", r.status, r.body)
+			}
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: leaked.Key}); r.status != 200 {
+				t.Errorf("an enabled key: %d", r.status)
+			}
+
+			stopCaddy(t) // flushes the logs
+			logs := string(g.readLogs())
+			var actions []any
+			disabled, revoked := 0, 0
+			for _, l := range strings.Split(logs, "\n") {
+				var m map[string]any
+				if json.Unmarshal([]byte(l), &m) != nil || m["msg"] != "event" {
+					continue
+				}
+				data, _ := m["data"].(map[string]any)
+				switch m["name"] {
+				case "apikeys.leaked":
+					actions = append(actions, data["action"])
+				case "apikeys.disabled":
+					if data["key_id"] == leaked.KeyID && data["reason"] == "leaked" {
+						disabled++
+					}
+				case "apikeys.revoked":
+					revoked++
+				}
+			}
+			// Reports: leaked disabled, gone untouched; then both untouched.
+			want := []any{"disable", "none (already revoked)", "none (already disabled or ended)", "none (already revoked)"}
+			slices.SortFunc(actions, func(a, b any) int { return strings.Compare(fmt.Sprint(a), fmt.Sprint(b)) })
+			slices.SortFunc(want, func(a, b any) int { return strings.Compare(fmt.Sprint(a), fmt.Sprint(b)) })
+			if !reflect.DeepEqual(actions, want) || disabled != 1 || revoked != 1 {
+				t.Errorf("leak actions %v (want %v), %d disabled events (want 1), %d revoked (want 1, the DELETE)", actions, want, disabled, revoked)
+			}
+			for _, raw := range []string{leaked.Key, gone.Key} {
+				if strings.Contains(logs, raw) {
+					t.Errorf("a raw key reached the logs")
+				}
+			}
+		})
+	}
+}
