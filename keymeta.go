@@ -20,6 +20,7 @@ const (
 // most maxMetaDepth levels deep, without duplicate member names, and its
 // canonical form at most maxMetaBytes long.
 func parseMeta(raw json.RawMessage) (json.RawMessage, *apiError) {
+	raw = bytes.TrimLeft(raw, " \t\r\n")
 	if len(raw) == 0 || raw[0] != '{' {
 		return nil, validationError("meta", "`meta` must be a JSON object.")
 	}

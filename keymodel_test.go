@@ -536,3 +536,19 @@ func TestSecretScanningDisable(t *testing.T) {
 		})
 	}
 }
+
+// TestKeyMetaRenamedHeader: identity_headers { meta … } renames the
+// header; the client's copy of the new name is removed.
+func TestKeyMetaRenamedHeader(t *testing.T) {
+	g := startGateway(t, "file", "identity_headers {\n\t\t\tmeta X-Tenant-Meta\n\t\t}")
+	k := g.create("alice", `{"name":"renamed","meta":{"tenant":"acme"}}`)
+	plain := g.create("alice", `{"name":"plain"}`)
+	g.do(request{method: "GET", path: "/v1/x", bearer: k.Key, header: map[string]string{"X-Tenant-Meta": `{"tenant":"evil"}`}})
+	if h := g.backend.last(t); len(h.Values("X-Tenant-Meta")) != 1 || h.Get("X-Tenant-Meta") != `{"tenant":"acme"}` || h.Get("X-Api-Key-Meta") != "" {
+		t.Errorf("renamed meta header: %q, default name %q", h.Values("X-Tenant-Meta"), h.Get("X-Api-Key-Meta"))
+	}
+	g.do(request{method: "GET", path: "/v1/x", bearer: plain.Key, header: map[string]string{"X-Tenant-Meta": `{"tenant":"evil"}`}})
+	if h := g.backend.last(t); len(h.Values("X-Tenant-Meta")) != 0 {
+		t.Errorf("a client's copy of the renamed header reached the backend: %q", h.Values("X-Tenant-Meta"))
+	}
+}
