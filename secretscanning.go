@@ -44,8 +44,7 @@ const (
 // `POST <management_path>/secret-scanning`. GitHub calls it with the keys
 // it found in public code, signed with its published key; each key of
 // this gateway among them is revoked (or disabled, or only reported),
-// logged at Info
-// and emitted as the Caddy event `apikeys.leaked`.
+// logged at Info and emitted as the Caddy event `apikeys.leaked`.
 type SecretScanning struct {
 	// PublicKeys is where GitHub's public keys come from: a URL serving
 	// GitHub's key list (https://api.github.com/meta/public_keys/secret_scanning),
