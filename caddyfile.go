@@ -69,6 +69,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			id <header>
 //			owner <header>
 //			scopes <header>
+//			meta <header>
 //		}
 //		cache off
 //		cache {
@@ -412,6 +413,8 @@ func (h *Handler) unmarshalIdentityHeaders(d *caddyfile.Dispenser) error {
 			err = singleArg(d, &h.IdentityHeaders.Owner)
 		case "scopes":
 			err = singleArg(d, &h.IdentityHeaders.Scopes)
+		case "meta":
+			err = singleArg(d, &h.IdentityHeaders.Meta)
 		default:
 			err = d.Errf("unrecognized identity_headers option %q", d.Val())
 		}

@@ -27,7 +27,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "apikeys",
-		Usage: "<create|list|find|get|revoke|rotate|dev-token|backup|restore> --config <path> [flags]",
+		Usage: "<create|list|find|get|disable|enable|revoke|rotate|dev-token|backup|restore> --config <path> [flags]",
 		Short: "Manage API keys of the apikeys handler from the command line",
 		Long: `
 Tools for operators of the apikeys handler. Each command reads the config (a
@@ -39,6 +39,8 @@ environment (and --envfile), and works on the configured store directly.
   list       an owner's keys, newest first
   find       the keys a whole key or its display prefix names
   get        one key by ID, with its owner
+  disable    suspend a key (403 key_disabled) without revoking it
+  enable     enable a disabled key again
   revoke     revoke a key by ID, or --owner <id> --all (offboarding)
   rotate     replace a key, keeping the old one working for --grace
   dev-token  print a dashboard JWT for trying the management API locally
@@ -345,7 +347,7 @@ func loadCommandConfig(cmd *cobra.Command) ([]byte, error) {
 }
 
 // keyStatuses are the values of a key's status, as listed.
-var keyStatuses = []string{"active", "rotating", "expired", "revoked"}
+var keyStatuses = []string{"active", "rotating", "disabled", "expired", "revoked"}
 
 // cmdLogger is Caddy's logger with --verbose, and no logger without: a
 // command's output is its result, and its errors are its exit status and

@@ -60,9 +60,9 @@ func (h *Handler) serveFindPrefix(w http.ResponseWriter, r *http.Request, claims
 	}
 	status := q.Get("status")
 	switch status {
-	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked:
+	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked, keystore.StatusDisabled:
 	default:
-		return writeError(w, validationError("status", "`status` must be one of active, rotating, expired, revoked."))
+		return writeError(w, validationError("status", "`status` must be one of active, rotating, disabled, expired, revoked."))
 	}
 	var cursor string
 	if s := q.Get("cursor"); s != "" {
@@ -287,5 +287,61 @@ keys, all listed; it needs --owner, since the store has no index by prefix.`,
 		RunE:  runGet,
 	}
 	configFlags(get)
-	cmd.AddCommand(find, get)
+
+	disable := &cobra.Command{
+		Use:   "disable <key_id>",
+		Short: "Suspend a key (403 key_disabled) without revoking it; print it as JSON",
+		Long: `Disables a key, as PATCH {"enabled": false} does: every instance refuses
+it with 403 key_disabled until it is enabled again. It stays live: it still
+counts towards max_keys_per_owner, and keeps its expiry. A revoked or expired
+key cannot be disabled or enabled.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return runSetEnabled(cmd, args[0], false) },
+	}
+	configFlags(disable)
+	enable := &cobra.Command{
+		Use:   "enable <key_id>",
+		Short: "Enable a disabled key again; print it as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE:  func(cmd *cobra.Command, args []string) error { return runSetEnabled(cmd, args[0], true) },
+	}
+	configFlags(enable)
+	cmd.AddCommand(find, get, disable, enable)
+}
+
+// runSetEnabled disables or enables key id, as PATCH with `enabled` does,
+// and prints the key with its owner.
+func runSetEnabled(cmd *cobra.Command, id string, enabled bool) error {
+	h, closeStore, err := openFromConfig(cmd)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	ctx, cancel := cmdContext()
+	defer cancel()
+	now := h.now()
+	var toggled bool
+	k, err := h.store.Update(ctx, id, func(k *keystore.Key) error {
+		if st := k.Status(now); st == keystore.StatusRevoked || st == keystore.StatusExpired {
+			return keyNotActive(st)
+		}
+		toggled = k.Disabled == enabled
+		k.Disabled = !enabled
+		return nil
+	})
+	var aerr *apiError
+	switch {
+	case errors.Is(err, keystore.ErrNotFound):
+		return fmt.Errorf("no key %q", id)
+	case errors.As(err, &aerr):
+		return apiErr(aerr)
+	case err != nil:
+		return err
+	}
+	if toggled {
+		h.audit(map[bool]string{true: "enabled", false: "disabled"}[enabled], k)
+	}
+	b, _ := marshalJSON(foundKey{Owner: k.Owner, keyView: newKeyView(k, now)})
+	_, err = fmt.Fprintln(cmd.OutOrStdout(), string(b))
+	return err
 }

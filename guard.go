@@ -140,6 +140,12 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		h.debug("api key refused: revoked or expired", &key)
 		return h.unauthorized(w, "invalid_api_key", "The API key is invalid, revoked or expired.")
 	}
+	if key.Disabled() {
+		validationDisabled.Inc()
+		h.debug("api key refused: disabled", &key)
+		return writeError(w, &apiError{status: http.StatusForbidden, code: "key_disabled",
+			message: "This API key is disabled; its owner can enable it again in the dashboard."})
+	}
 	if required, ok := h.allowed(&key, r); !ok {
 		validationInsufficientScope.Inc()
 		h.debug("api key refused: insufficient scope", &key)
@@ -154,18 +160,34 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		delete(hdr, h.KeyHeader) // canonical (see applyDefaults)
 	}
 	ids := h.IdentityHeaders
-	// One allocation for the three values; each header gets a slice of
-	// its own capacity, so an append to one cannot touch another.
-	vals := make([]string, 3)
+	// One allocation for the three (or, with metadata, four) values; each
+	// header gets a slice of its own capacity, so an append to one cannot
+	// touch another, and none is shared with the cached record.
+	meta := key.Meta()
+	n := 3
+	if meta != "" {
+		n = 4
+	}
+	vals := make([]string, n)
 	vals[0], vals[1], vals[2] = key.ID(), key.Owner(), key.Scopes()
 	hdr[ids.ID] = vals[0:1:1]
 	hdr[ids.Owner] = vals[1:2:2]
 	hdr[ids.Scopes] = vals[2:3:3]
+	if meta != "" {
+		vals[3] = meta // ASCII-only compact JSON (see parseMeta)
+		hdr[ids.Meta] = vals[3:4:4]
+	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		// Values boxed when the record was cached: no allocation here.
 		repl.Set("http.auth.user.id", key.OwnerValue())
 		repl.Set("http.auth.apikey.id", key.IDValue())
 		repl.Set("http.auth.apikey.scopes", key.ScopesValue())
+		if meta != "" {
+			repl.Set("http.auth.apikey.meta", key.MetaValue())
+			for _, v := range key.MetaVars() {
+				repl.Set(v.Name, v.Value)
+			}
+		}
 	}
 	// last_used_at has second precision: the recorder (and its lock) sees
 	// one use a second of a busy key.
@@ -419,13 +441,15 @@ func (h *Handler) stripIdentityHeaders(r *http.Request) {
 	delete(r.Header, ids.ID)
 	delete(r.Header, ids.Owner)
 	delete(r.Header, ids.Scopes)
+	delete(r.Header, ids.Meta)
 	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok &&
 		len(srv.ExpectedUnderscoreHeaders) == 0 && len(srv.ExpectedDotHeaders) == 0 {
 		return
 	}
 	for name, vals := range r.Header {
 		switch {
-		case sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes),
+		case sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes) ||
+			sameHeaderLoosely(name, ids.Meta),
 			sameHeaderLoosely(name, "X-Original-Url") || sameHeaderLoosely(name, "X-Rewrite-Url"):
 			delete(r.Header, name)
 		case h.KeyHeader != "" && name != h.KeyHeader && sameHeaderLoosely(name, h.KeyHeader):

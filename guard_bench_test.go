@@ -58,9 +58,17 @@ func benchHandler(b testing.TB, store *StoreConfig, cache *CacheConfig) *Handler
 }
 
 // benchKey mints a key through the handler's store (so it is cached).
-func benchKey(b testing.TB, h *Handler, scopes []string) string {
+func benchKey(b testing.TB, h *Handler, scopes []string, meta ...string) string {
 	b.Helper()
-	k, raw, err := h.newKey("bench-owner", createRequest{Name: "bench", Scopes: scopes})
+	req := createRequest{Name: "bench", Scopes: scopes}
+	if len(meta) > 0 && meta[0] != "" {
+		m, aerr := parseMeta([]byte(meta[0]))
+		if aerr != nil {
+			b.Fatal(aerr.message)
+		}
+		req.Meta = m
+	}
+	k, raw, err := h.newKey("bench-owner", req)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -121,12 +129,15 @@ func BenchmarkGuardHit(b *testing.B) {
 	cases := []struct {
 		name, path string
 		scopes     []string
+		meta       string
 	}{
-		{"full-access", "/v1/anything", nil},
-		{"scoped", "/v1/analytics/daily", []string{"analytics:read"}},
+		{"full-access", "/v1/anything", nil, ""},
+		{"scoped", "/v1/analytics/daily", []string{"analytics:read"}, ""},
+		// Metadata: a fourth header and a placeholder per scalar member.
+		{"meta", "/v1/anything", nil, `{"plan":"pro","tenant":"acme-eu","seats":25,"beta":true,"limits":{"rps":10}}`},
 	}
 	for _, tc := range cases {
-		key := benchKey(b, h, tc.scopes)
+		key := benchKey(b, h, tc.scopes, tc.meta)
 		b.Run(tc.name, func(b *testing.B) {
 			br := newBenchRequest(b, tc.path, key)
 			w := &nopWriter{}

@@ -167,6 +167,9 @@ http://127.0.0.1:%[2]d {
 		header_up X-Auth-User-Id {http.auth.user.id}
 		header_up X-Auth-Apikey-Id {http.auth.apikey.id}
 		header_up X-Auth-Apikey-Scopes {http.auth.apikey.scopes}
+		header_up X-Auth-Meta-Plan {http.auth.apikey.meta.plan}
+		header_up X-Auth-Meta-Seats {http.auth.apikey.meta.seats}
+		header_up X-Auth-Meta-Beta {http.auth.apikey.meta.beta}
 	}
 }
 `, g.logDir, g.port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"), g.jwtExtra, g.secretLine, testAccessLogFormat)

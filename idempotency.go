@@ -372,6 +372,7 @@ func replayUnavailable(keyID, status string) *apiError {
 		keystore.StatusRevoked:  "has been revoked",
 		keystore.StatusExpired:  "has expired",
 		keystore.StatusRotating: "has been rotated",
+		keystore.StatusDisabled: "has been disabled",
 		"changed":               "has had its scopes or expiry changed",
 		"deleted":               "no longer exists",
 	}[status]

@@ -95,7 +95,7 @@ func TestListAndGet(t *testing.T) {
 			if strings.Contains(string(resp.body), "digest") || strings.Contains(string(resp.body), bobs.KeyID) {
 				t.Fatalf("the listing shows a digest or another owner's key: %s", resp.body)
 			}
-			wantMembers := "key_id,name,prefix,scopes,expires_at,created_at,last_used_at,status"
+			wantMembers := "key_id,name,prefix,scopes,expires_at,created_at,last_used_at,status,enabled"
 			var items []json.RawMessage
 			var raw struct{ Keys []json.RawMessage }
 			_ = json.Unmarshal(resp.env.Data, &raw)

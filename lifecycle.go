@@ -37,14 +37,18 @@ type keyView struct {
 	CreatedAt  apiTime  `json:"created_at"`
 	LastUsedAt *apiTime `json:"last_used_at"`
 	Status     string   `json:"status"`
+	Enabled    bool     `json:"enabled"`
 	RevokedAt  *apiTime `json:"revoked_at,omitempty"`
 	Replaces   string   `json:"replaces,omitempty"`
 	ReplacedBy string   `json:"replaced_by,omitempty"`
+	// Meta appears only for a key that has metadata.
+	Meta json.RawMessage `json:"meta,omitempty"`
 }
 
 func newKeyView(k *keystore.Key, now time.Time) keyView {
 	v := keyView{KeyID: k.ID, Name: k.Name, Prefix: k.Prefix, Scopes: k.Scopes,
-		CreatedAt: apiTime{k.CreatedAt}, Status: k.Status(now), Replaces: k.Replaces, ReplacedBy: k.ReplacedBy}
+		CreatedAt: apiTime{k.CreatedAt}, Status: k.Status(now), Enabled: !k.Disabled,
+		Replaces: k.Replaces, ReplacedBy: k.ReplacedBy, Meta: k.Meta}
 	v.ExpiresAt = optTime(k.ExpiresAt)
 	v.LastUsedAt = optTime(k.LastUsedAt)
 	v.RevokedAt = optTime(k.RevokedAt)
@@ -81,9 +85,9 @@ func (h *Handler) serveList(w http.ResponseWriter, r *http.Request, claims jwtau
 	}
 	status := q.Get("status")
 	switch status {
-	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked:
+	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked, keystore.StatusDisabled:
 	default:
-		return writeError(w, validationError("status", "`status` must be one of active, rotating, expired, revoked."))
+		return writeError(w, validationError("status", "`status` must be one of active, rotating, disabled, expired, revoked."))
 	}
 	var cursor string
 	if s := q.Get("cursor"); s != "" {
@@ -155,19 +159,20 @@ func (h *Handler) serveGet(w http.ResponseWriter, r *http.Request, claims jwtaut
 	return writeData(w, http.StatusOK, newKeyView(k, h.now()))
 }
 
-// servePatch answers PATCH /v1/apikeys/{id}: a new name and/or scopes,
-// validated as on create.
+// servePatch answers PATCH /v1/apikeys/{id}: a new name, scopes or meta,
+// validated as on create (`meta: null` removes it), and `enabled` to
+// disable or enable the key. A revoked or expired key is 409.
 func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims, id string) error {
 	body, aerr := readJSONBody(w, r, false)
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
-	fields, aerr := decodeObject(body, "name", "scopes")
+	fields, aerr := decodeObject(body, "name", "scopes", "meta", "enabled")
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
 	if len(fields) == 0 {
-		return writeError(w, validationError("", "Send `name` and/or `scopes` to change."))
+		return writeError(w, validationError("", "Send `name`, `scopes`, `meta` and/or `enabled` to change."))
 	}
 	var name string
 	if raw, ok := fields["name"]; ok {
@@ -190,6 +195,18 @@ func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwta
 			return writeError(w, aerr)
 		}
 	}
+	var meta json.RawMessage
+	raw, changeMeta := fields["meta"]
+	if changeMeta && !isNull(raw) {
+		if meta, aerr = parseMeta(raw); aerr != nil {
+			return writeError(w, aerr)
+		}
+	}
+	var enabled bool
+	raw, changeEnabled := fields["enabled"]
+	if changeEnabled && (isNull(raw) || json.Unmarshal(raw, &enabled) != nil) {
+		return writeError(w, validationError("enabled", "`enabled` must be true or false."))
+	}
 
 	ctx, cancel := h.storeCtx(r)
 	defer cancel()
@@ -197,6 +214,7 @@ func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwta
 		return writeError(w, aerr)
 	}
 	now := h.now()
+	var toggled bool // the update changed whether the key is disabled
 	k, err := h.store.Update(ctx, id, func(k *keystore.Key) error {
 		if st := k.Status(now); st == keystore.StatusRevoked || st == keystore.StatusExpired {
 			return keyNotActive(st)
@@ -207,12 +225,28 @@ func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwta
 		if changeScopes {
 			k.Scopes = scopes
 		}
+		if changeMeta {
+			k.Meta = meta
+		}
+		toggled = false
+		if changeEnabled {
+			toggled = k.Disabled == enabled
+			k.Disabled = !enabled
+		}
 		return nil
 	})
 	if aerr := h.storeError(err, "updating key"); aerr != nil {
 		return writeError(w, aerr)
 	}
-	h.audit("updated", k)
+	if name != "" || changeScopes || changeMeta {
+		h.audit("updated", k)
+	}
+	switch {
+	case toggled && k.Disabled:
+		h.audit("disabled", k)
+	case toggled:
+		h.audit("enabled", k)
+	}
 	return writeData(w, http.StatusOK, newKeyView(k, now))
 }
 
@@ -279,6 +313,9 @@ func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id s
 			return nil, &apiError{status: http.StatusConflict, code: "key_already_rotated",
 				message: "This key was already rotated; rotate its replacement " + old.ReplacedBy + " instead."}
 		}
+		// A disabled key is not rotated: its replacement would either
+		// work (undoing the suspension) or start disabled (a rotation
+		// that hands out a key that does not work).
 		return nil, keyNotActive(st)
 	}
 	if aerr := h.grantable(claims, old.Scopes); aerr != nil {
@@ -293,7 +330,8 @@ func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id s
 		return nil, internalError(err)
 	}
 	k := &keystore.Key{ID: newID, Owner: old.Owner, Name: old.Name, Prefix: keystore.DisplayPrefix(h.KeyPrefix, raw),
-		Digest: h.hasher.Digest(raw), Scopes: old.Scopes, CreatedAt: now, ExpiresAt: old.ExpiresAt, Replaces: old.ID}
+		Digest: h.hasher.Digest(raw), Scopes: old.Scopes, CreatedAt: now, ExpiresAt: old.ExpiresAt, Replaces: old.ID,
+		Meta: old.Meta}
 	graceEnd := now.Add(grace)
 	if old.ExpiresAt != nil && old.ExpiresAt.Before(graceEnd) {
 		graceEnd = *old.ExpiresAt
@@ -322,6 +360,10 @@ func startGrace(k *keystore.Key, newID string, graceEnd, now time.Time) error {
 }
 
 func keyNotActive(status string) *apiError {
+	if status == keystore.StatusDisabled {
+		return &apiError{status: http.StatusConflict, code: "key_not_active",
+			message: "This key is disabled and cannot be rotated; enable it first (PATCH with `enabled: true`)."}
+	}
 	return &apiError{status: http.StatusConflict, code: "key_not_active",
 		message: "This key is " + status + " and cannot be changed."}
 }

@@ -35,7 +35,7 @@ const (
 //	POST   /v1/apikeys              create
 //	GET    /v1/apikeys              list the caller's keys
 //	GET    /v1/apikeys/{id}         one key
-//	PATCH  /v1/apikeys/{id}         rename, change scopes
+//	PATCH  /v1/apikeys/{id}         rename, change scopes or meta, disable, enable
 //	DELETE /v1/apikeys/{id}         revoke
 //	POST   /v1/apikeys/{id}/rotate  replace with a new key, old one kept for a grace period
 func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error {
@@ -232,13 +232,26 @@ type createRequest struct {
 	Name          string   `json:"name"`
 	Scopes        []string `json:"scopes"`          // nil: full access
 	ExpiresInDays int      `json:"expires_in_days"` // 0: never expires
+	// Meta is the canonical form of `meta` (see parseMeta); nil: none.
+	// Left out of meaning when nil, so fingerprints of requests without
+	// it are as before.
+	Meta json.RawMessage `json:"meta,omitempty"`
 }
 
 // meaning returns what the request asks for in one canonical form, so that
 // the Idempotency-Key fingerprint does not depend on member order,
 // whitespace, escapes, number spelling or an explicit null.
 func (req createRequest) meaning() string {
-	b, _ := json.Marshal(req) // cannot fail: strings, a string slice, an int
+	if req.Meta != nil {
+		// Members sorted by name: re-encoded from a map.
+		var v any
+		dec := json.NewDecoder(bytes.NewReader(req.Meta))
+		dec.UseNumber()
+		if dec.Decode(&v) == nil {
+			req.Meta, _ = json.Marshal(v)
+		}
+	}
+	b, _ := json.Marshal(req) // cannot fail: strings, a string slice, an int, valid JSON
 	return string(b)
 }
 
@@ -246,7 +259,7 @@ func (req createRequest) meaning() string {
 // and duplicate fields, wrong types and bad values are all refused.
 func (h *Handler) parseCreateRequest(body []byte) (createRequest, *apiError) {
 	var req createRequest
-	fields, aerr := decodeObject(body, "name", "scopes", "expires_in_days")
+	fields, aerr := decodeObject(body, "name", "scopes", "expires_in_days", "meta")
 	if aerr != nil {
 		return req, aerr
 	}
@@ -267,6 +280,11 @@ func (h *Handler) parseCreateRequest(body []byte) (createRequest, *apiError) {
 	}
 	if raw, ok := fields["expires_in_days"]; ok && !isNull(raw) {
 		if req.ExpiresInDays, aerr = parseWhole(raw, "expires_in_days", 1, h.MaxExpiresInDays); aerr != nil {
+			return req, aerr
+		}
+	}
+	if raw, ok := fields["meta"]; ok && !isNull(raw) {
+		if req.Meta, aerr = parseMeta(raw); aerr != nil {
 			return req, aerr
 		}
 	}
@@ -432,6 +450,7 @@ func (h *Handler) newKey(owner string, req createRequest) (*keystore.Key, string
 		Digest:    h.hasher.Digest(raw),
 		Scopes:    req.Scopes,
 		CreatedAt: now,
+		Meta:      req.Meta,
 	}
 	if req.ExpiresInDays > 0 {
 		exp := now.Add(time.Duration(req.ExpiresInDays) * 24 * time.Hour)
@@ -452,10 +471,12 @@ type keyResponse struct {
 	CreatedAt         apiTime  `json:"created_at"`
 	Replaces          string   `json:"replaces,omitempty"`
 	GracePeriodEndsAt *apiTime `json:"grace_period_ends_at,omitempty"`
+	// Meta appears only for a key that has metadata.
+	Meta json.RawMessage `json:"meta,omitempty"`
 }
 
 func newKeyResponse(k *keystore.Key, raw string) keyResponse {
-	resp := keyResponse{KeyID: k.ID, Name: k.Name, Key: raw, Prefix: k.Prefix, Scopes: k.Scopes, CreatedAt: apiTime{k.CreatedAt}}
+	resp := keyResponse{KeyID: k.ID, Name: k.Name, Key: raw, Prefix: k.Prefix, Scopes: k.Scopes, CreatedAt: apiTime{k.CreatedAt}, Meta: k.Meta}
 	if k.ExpiresAt != nil {
 		resp.ExpiresAt = &apiTime{*k.ExpiresAt}
 	}

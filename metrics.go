@@ -23,7 +23,7 @@ const metricsNamespace = "caddy_apikeys"
 var (
 	metricValidations = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Name: "validations_total",
-		Help: "Guarded requests by outcome: accepted, no_key, malformed, unknown, revoked, expired, insufficient_scope, store_unavailable, bad_request (a non-canonical path, on the management API too, or a forbidden trailer).",
+		Help: "Guarded requests by outcome: accepted, no_key, malformed, unknown, revoked, expired, disabled, insufficient_scope, store_unavailable, bad_request (a non-canonical path, on the management API too, or a forbidden trailer).",
 	}, []string{"result"})
 	metricCacheLookups = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Name: "cache_lookups_total",
@@ -74,6 +74,7 @@ var (
 	validationUnknown           = metricValidations.WithLabelValues("unknown")
 	validationRevoked           = metricValidations.WithLabelValues("revoked")
 	validationExpired           = metricValidations.WithLabelValues("expired")
+	validationDisabled          = metricValidations.WithLabelValues("disabled")
 	validationInsufficientScope = metricValidations.WithLabelValues("insufficient_scope")
 	validationStoreUnavailable  = metricValidations.WithLabelValues("store_unavailable")
 	validationBadRequest        = metricValidations.WithLabelValues("bad_request")

@@ -45,6 +45,7 @@ const (
 	DefaultHeaderID         = "X-Api-Key-Id"
 	DefaultHeaderOwner      = "X-Api-Key-Owner"
 	DefaultHeaderScopes     = "X-Api-Key-Scopes"
+	DefaultHeaderMeta       = "X-Api-Key-Meta"
 )
 
 // Handler mints API keys at ManagementPath and validates them everywhere
@@ -216,6 +217,9 @@ type IdentityHeaders struct {
 	// Scopes carries the key's scopes separated by spaces, or "*" for a
 	// full-access key. Default: "X-Api-Key-Scopes".
 	Scopes string `json:"scopes,omitempty"`
+	// Meta carries the key's metadata as compact, ASCII-only JSON; it is
+	// set only for a key that has metadata. Default: "X-Api-Key-Meta".
+	Meta string `json:"meta,omitempty"`
 }
 
 // CacheConfig configures the in-process cache of key records. The cache
@@ -445,13 +449,17 @@ func (h *Handler) applyDefaults() {
 	if h.IdentityHeaders.Scopes == "" {
 		h.IdentityHeaders.Scopes = DefaultHeaderScopes
 	}
+	if h.IdentityHeaders.Meta == "" {
+		h.IdentityHeaders.Meta = DefaultHeaderMeta
+	}
 	ids := h.IdentityHeaders
 	ids.ID = http.CanonicalHeaderKey(ids.ID)
 	ids.Owner = http.CanonicalHeaderKey(ids.Owner)
 	ids.Scopes = http.CanonicalHeaderKey(ids.Scopes)
+	ids.Meta = http.CanonicalHeaderKey(ids.Meta)
 	h.challenge = fmt.Sprintf("Bearer realm=%q", h.Realm)
 	h.pathOpts = requesttarget.Options{AllowEncodedSlash: h.AllowEncodedSlashes}
-	h.protected = []string{"Authorization", ids.ID, ids.Owner, ids.Scopes}
+	h.protected = []string{"Authorization", ids.ID, ids.Owner, ids.Scopes, ids.Meta}
 	if h.KeyHeader != "" {
 		h.KeyHeader = http.CanonicalHeaderKey(h.KeyHeader)
 		h.protected = append(h.protected, h.KeyHeader)
@@ -496,7 +504,7 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("apikeys: cors_origins: %q is not an origin like https://dash.example.com", o)
 		}
 	}
-	for _, name := range []string{h.IdentityHeaders.ID, h.IdentityHeaders.Owner, h.IdentityHeaders.Scopes} {
+	for _, name := range []string{h.IdentityHeaders.ID, h.IdentityHeaders.Owner, h.IdentityHeaders.Scopes, h.IdentityHeaders.Meta} {
 		if !validHeaderName(name) {
 			return fmt.Errorf("apikeys: identity header name %q is not a valid header name", name)
 		}

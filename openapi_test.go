@@ -78,6 +78,19 @@ func TestOpenAPIMatchesResponses(t *testing.T) {
 			}
 			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{"name":"renamed","scopes":null}`})
 			check(request{method: "PATCH", path: "/v1/apikeys/" + k.KeyID, bearer: alice, body: `{}`})
+			// Metadata and disable/enable.
+			mk := check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"m","meta":{"plan":"pro","n":1,"org":{"id":"ü"}}}`})
+			var metaKey createdKey
+			_ = json.Unmarshal(mk.env.Data, &metaKey)
+			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"m","meta":[1]}`})
+			check(request{method: "PATCH", path: "/v1/apikeys/" + metaKey.KeyID, bearer: alice, body: `{"enabled":false,"meta":{"plan":"free"}}`})
+			check(request{method: "PATCH", path: "/v1/apikeys/" + metaKey.KeyID, bearer: alice, body: `{"enabled":"no"}`})
+			check(request{method: "GET", path: "/v1/apikeys?status=disabled", bearer: alice})
+			check(request{method: "GET", path: "/v1/apikeys/" + metaKey.KeyID, bearer: alice})
+			if r := check(request{method: "POST", path: "/v1/apikeys/" + metaKey.KeyID + "/rotate", bearer: alice}); r.errCode() != "key_not_active" {
+				t.Errorf("rotate a disabled key: %d %s", r.status, r.body)
+			}
+			check(request{method: "PATCH", path: "/v1/apikeys/" + metaKey.KeyID, bearer: alice, body: `{"enabled":true,"meta":null}`})
 			rot := check(request{method: "POST", path: "/v1/apikeys/" + full.KeyID + "/rotate", bearer: alice, body: `{"grace_period_seconds":60}`})
 			if rot.status != 201 {
 				t.Fatalf("rotate: %d %s", rot.status, rot.body)

@@ -309,7 +309,7 @@ func TestCLIQuietAndStrict(t *testing.T) {
 		t.Errorf("list --verbose: %v, stderr:\n%s", err, stderr)
 	}
 	stdout, stderr, err := run("list", "--config", cfg, "--owner", "ops", "--status", "bogus")
-	if err == nil || stdout != "" || !strings.Contains(stderr, `--status "bogus"`) || !strings.Contains(stderr, "active, rotating, expired, revoked") {
+	if err == nil || stdout != "" || !strings.Contains(stderr, `--status "bogus"`) || !strings.Contains(stderr, "active, rotating, disabled, expired, revoked") {
 		t.Errorf("list --status bogus: err=%v\nstdout:\n%s\nstderr:\n%s", err, stdout, stderr)
 	}
 }

@@ -22,8 +22,9 @@ import (
 const (
 	LeakActionRevoke = "revoke"
 	LeakActionReport = "report"
-	// LeakActionDisable is reserved for when keys can be disabled; it is
-	// refused at provision until then.
+	// LeakActionDisable suspends a leaked key (PATCH `enabled: false`):
+	// it is refused with 403 key_disabled until its owner enables it
+	// again (after checking the leak) or revokes it.
 	LeakActionDisable = "disable"
 )
 
@@ -42,16 +43,17 @@ const (
 // SecretScanning turns on the GitHub secret scanning partner endpoint,
 // `POST <management_path>/secret-scanning`. GitHub calls it with the keys
 // it found in public code, signed with its published key; each key of
-// this gateway among them is revoked (or only reported), logged at Info
-// and emitted as the Caddy event `apikeys.leaked`.
+// this gateway among them is revoked (or disabled, or only reported),
+// logged at Info and emitted as the Caddy event `apikeys.leaked`.
 type SecretScanning struct {
 	// PublicKeys is where GitHub's public keys come from: a URL serving
 	// GitHub's key list (https://api.github.com/meta/public_keys/secret_scanning),
 	// or a file holding that JSON or PEM public keys. Placeholders are
 	// resolved. Required.
 	PublicKeys string `json:"public_keys"`
-	// Action is what happens to a leaked key: "revoke" or "report" (log
-	// and emit the event only). Default: "revoke".
+	// Action is what happens to a leaked key: "revoke", "disable" (the
+	// owner can enable it again) or "report" (log and emit the event
+	// only). Default: "revoke".
 	Action string `json:"action,omitempty"`
 	// Refresh is how often the key list is reloaded. Default: 1h.
 	Refresh caddy.Duration `json:"refresh,omitempty"`
@@ -69,11 +71,9 @@ func (h *Handler) provisionSecretScanning(ctx caddy.Context) error {
 	switch ss.Action {
 	case "":
 		ss.Action = LeakActionRevoke
-	case LeakActionRevoke, LeakActionReport:
-	case LeakActionDisable:
-		return errors.New("apikeys: secret_scanning action disable needs key disable support, which this version lacks; use revoke or report")
+	case LeakActionRevoke, LeakActionDisable, LeakActionReport:
 	default:
-		return fmt.Errorf("apikeys: secret_scanning action must be revoke or report, got %q", ss.Action)
+		return fmt.Errorf("apikeys: secret_scanning action must be revoke, disable or report, got %q", ss.Action)
 	}
 	if ss.Refresh < 0 {
 		return errors.New("apikeys: secret_scanning refresh must not be negative")
@@ -166,6 +166,7 @@ func (h *Handler) serveSecretScanning(w http.ResponseWriter, r *http.Request) er
 type leakResult struct {
 	key        *keystore.Key // nil: not a key of this gateway
 	wasRevoked bool          // revoked before this report
+	changed    bool          // this report revoked or disabled it
 	err        error         // the store failed
 }
 
@@ -186,7 +187,7 @@ func (h *Handler) handleLeaks(r *http.Request, matches []secretscanning.Match) (
 			work = append(work, m.Token)
 		}
 	}
-	revoke := h.SecretScanning.Action == LeakActionRevoke
+	action := h.SecretScanning.Action
 	at := h.now().UTC().Truncate(time.Millisecond)
 	next := make(chan string)
 	var wg sync.WaitGroup
@@ -195,7 +196,7 @@ func (h *Handler) handleLeaks(r *http.Request, matches []secretscanning.Match) (
 		go func() {
 			defer wg.Done()
 			for token := range next {
-				h.handleLeak(r.Context(), token, results[token], revoke, at)
+				h.handleLeak(r.Context(), token, results[token], action, at)
 			}
 		}()
 	}
@@ -227,8 +228,9 @@ func (h *Handler) handleLeaks(r *http.Request, matches []secretscanning.Match) (
 }
 
 // handleLeak looks one well-formed token up (under every secret) and, if
-// it is a key and the action is revoke, revokes it.
-func (h *Handler) handleLeak(ctx context.Context, token string, res *leakResult, revoke bool, at time.Time) {
+// it is a key, applies action to it: revoke, or disable (a revoked or
+// expired key is left as it is).
+func (h *Handler) handleLeak(ctx context.Context, token string, res *leakResult, action string, at time.Time) {
 	hashers := append([]*keystore.Hasher{h.hasher}, h.oldHashers...)
 	for _, hs := range hashers {
 		sctx, cancel := context.WithTimeout(ctx, h.storeTimeout)
@@ -244,12 +246,27 @@ func (h *Handler) handleLeak(ctx context.Context, token string, res *leakResult,
 		res.key, res.wasRevoked = k, k.RevokedAt != nil && !at.Before(*k.RevokedAt)
 		break
 	}
-	if res.key == nil || !revoke || res.wasRevoked {
+	if res.key == nil || action == LeakActionReport || res.wasRevoked {
 		return
 	}
 	sctx, cancel := context.WithTimeout(ctx, h.storeTimeout)
 	defer cancel()
-	k, err := h.store.Revoke(sctx, res.key.ID, at)
+	var k *keystore.Key
+	var err error
+	if action == LeakActionDisable {
+		var changed bool
+		k, err = h.store.Update(sctx, res.key.ID, func(k *keystore.Key) error {
+			changed = k.Active(at) && !k.Disabled
+			if changed {
+				k.Disabled = true
+			}
+			return nil
+		})
+		res.changed = err == nil && changed
+	} else {
+		k, err = h.store.Revoke(sctx, res.key.ID, at)
+		res.changed = err == nil && k.RevokedAt != nil && k.RevokedAt.Equal(at)
+	}
 	switch {
 	case errors.Is(err, keystore.ErrNotFound): // deleted meanwhile by retention
 	case err != nil:
@@ -265,8 +282,14 @@ func (h *Handler) handleLeak(ctx context.Context, token string, res *leakResult,
 func (h *Handler) reportLeak(res *leakResult, m secretscanning.Match) {
 	k := res.key
 	action := h.SecretScanning.Action
-	if action == LeakActionRevoke && res.wasRevoked {
+	switch {
+	case action == LeakActionReport:
+	case res.wasRevoked:
 		action = "none (already revoked)"
+	case !res.changed && action == LeakActionDisable:
+		action = "none (already disabled or ended)"
+	case !res.changed:
+		action = "none (already ended)"
 	}
 	h.logger.Info("api key leaked", zap.String("key_id", k.ID), zap.String("owner", k.Owner),
 		zap.String("url", m.URL), zap.String("source", m.Source), zap.String("type", m.Type),
@@ -275,8 +298,12 @@ func (h *Handler) reportLeak(res *leakResult, m secretscanning.Match) {
 		h.events.Emit(h.ctx, "apikeys.leaked", map[string]any{"key_id": k.ID, "owner": k.Owner,
 			"url": m.URL, "source": m.Source, "type": m.Type, "action": action})
 	}
-	if h.SecretScanning.Action == LeakActionRevoke && !res.wasRevoked {
+	switch {
+	case !res.changed:
+	case h.SecretScanning.Action == LeakActionRevoke:
 		h.audit("revoked", k, zap.String("reason", "leaked"))
+	case h.SecretScanning.Action == LeakActionDisable:
+		h.audit("disabled", k, zap.String("reason", "leaked"))
 	}
 }
 
@@ -284,7 +311,7 @@ func (h *Handler) reportLeak(res *leakResult, m secretscanning.Match) {
 //
 //	secret_scanning [<public_keys>] {
 //		public_keys <url|file>
-//		action revoke|report
+//		action revoke|disable|report
 //		refresh <duration>
 //	}
 func (h *Handler) unmarshalSecretScanning(d *caddyfile.Dispenser) error {
@@ -306,11 +333,8 @@ func (h *Handler) unmarshalSecretScanning(d *caddyfile.Dispenser) error {
 			err = singleArg(d, &ss.PublicKeys)
 		case "action":
 			err = singleArg(d, &ss.Action)
-			if err == nil && ss.Action != LeakActionRevoke && ss.Action != LeakActionReport {
-				if ss.Action == LeakActionDisable {
-					return d.Err("secret_scanning action disable needs key disable support, which this version lacks; use revoke or report")
-				}
-				return d.Errf("secret_scanning action must be revoke or report, got %q", ss.Action)
+			if err == nil && ss.Action != LeakActionRevoke && ss.Action != LeakActionDisable && ss.Action != LeakActionReport {
+				return d.Errf("secret_scanning action must be revoke, disable or report, got %q", ss.Action)
 			}
 		case "refresh":
 			err = durationArg(d, &ss.Refresh)

@@ -552,12 +552,15 @@ func TestSecretScanningThousandTokens(t *testing.T) {
 	}
 }
 
-// TestSecretScanningConfig: disable is refused until keys can be disabled;
-// bad actions, options and sources are refused with what to do instead.
+// TestSecretScanningConfig: bad actions, options and sources are refused
+// with what to do instead; action disable is accepted.
 func TestSecretScanningConfig(t *testing.T) {
+	ok := new(Handler)
+	if err := ok.UnmarshalCaddyfile(caddyfile.NewTestDispenser("apikeys {\nsecret_scanning {\n public_keys https://x\n action disable\n}\n}")); err != nil || ok.SecretScanning.Action != LeakActionDisable {
+		t.Errorf("action disable: %v", err)
+	}
 	for _, c := range []struct{ block, want string }{
-		{"secret_scanning {\n public_keys https://api.github.com/meta/public_keys/secret_scanning\n action disable\n}", "needs key disable support"},
-		{"secret_scanning {\n public_keys https://x\n action delete\n}", "must be revoke or report"},
+		{"secret_scanning {\n public_keys https://x\n action delete\n}", "must be revoke, disable or report"},
 		{"secret_scanning {\n action revoke\n}", "needs public_keys"},
 		{"secret_scanning {\n public_keys https://x\n nope 1\n}", `unrecognized secret_scanning option "nope"`},
 		{"secret_scanning https://x https://y", "wrong argument count"},
@@ -588,9 +591,9 @@ http://127.0.0.1:%d {
 		}
 	}
 	// The JSON form is checked at provision too.
-	h := &Handler{SecretScanning: &SecretScanning{PublicKeys: "https://x", Action: "disable"}}
-	if err := h.provisionSecretScanning(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "needs key disable support") {
-		t.Errorf("action disable in JSON: %v", err)
+	h := &Handler{SecretScanning: &SecretScanning{PublicKeys: "https://x", Action: "delete"}}
+	if err := h.provisionSecretScanning(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "must be revoke, disable or report") {
+		t.Errorf("action delete in JSON: %v", err)
 	}
 }
 

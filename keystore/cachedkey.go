@@ -1,6 +1,7 @@
 package keystore
 
 import (
+	"encoding/json"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -36,13 +37,38 @@ type CachedKey struct {
 	expires   bool
 	full      bool // full access: no scope allowlist
 	rotating  bool // replaced by a newer key, within its grace period
+	disabled  bool // suspended (Key.Disabled)
 
 	// The ID, owner and scopes as interface values (see IDValue).
 	idValue       any
 	owner, scopes unique.Handle[any]
 
+	meta *cachedMeta // nil when the key has no metadata
+
 	st *entryState // shared by every copy
 }
+
+// cachedMeta is a key's metadata as the guard hands it on, prepared once
+// when the record is cached.
+type cachedMeta struct {
+	text  string    // the compact JSON, as stored
+	value any       // text boxed
+	vars  []MetaVar // placeholders of its top-level scalar members
+}
+
+// MetaVar is a placeholder name and value derived from a key's metadata
+// (see [CachedKey.MetaVars]).
+type MetaVar struct {
+	// Name is MetaPlaceholderPrefix followed by the member's name.
+	Name string
+	// Value is a string member's string, a number's JSON text or a
+	// boolean, boxed once.
+	Value any
+}
+
+// MetaPlaceholderPrefix starts the name of every placeholder that
+// [CachedKey.MetaVars] returns.
+const MetaPlaceholderPrefix = "http.auth.apikey.meta."
 
 // entryState is the mutable part of a cached record, shared by every copy
 // of its CachedKey. It holds no pointer, so the garbage collector does not
@@ -100,6 +126,8 @@ func (ck *CachedKey) fill(k *Key) {
 	}
 	ck.full = k.FullAccess()
 	ck.rotating = k.ReplacedBy != ""
+	ck.disabled = k.Disabled
+	ck.meta = newCachedMeta(k.Meta)
 	ck.idValue = ck.ID()
 	ck.owner = intern(ck.Owner())
 	ck.scopes = intern(ck.Scopes())
@@ -111,6 +139,41 @@ func (ck *CachedKey) fill(k *Key) {
 func intern(s string) unique.Handle[any] {
 	// Cloned, so that the shared value does not hold a record's text.
 	return unique.Make[any](strings.Clone(s))
+}
+
+// newCachedMeta prepares stored metadata for the guard; nil for none.
+// Members that are objects, arrays or null give no placeholder.
+func newCachedMeta(raw json.RawMessage) *cachedMeta {
+	if len(raw) == 0 {
+		return nil
+	}
+	m := &cachedMeta{text: string(raw)}
+	m.value = m.text
+	var members map[string]json.RawMessage
+	if json.Unmarshal(raw, &members) != nil {
+		return m
+	}
+	for name, v := range members {
+		var val any
+		switch {
+		case len(v) == 0:
+			continue
+		case v[0] == '"':
+			var s string
+			if json.Unmarshal(v, &s) != nil {
+				continue
+			}
+			val = s
+		case string(v) == "true", string(v) == "false":
+			val = string(v) == "true"
+		case v[0] == '-' || v[0] >= '0' && v[0] <= '9':
+			val = string(v)
+		default:
+			continue
+		}
+		m.vars = append(m.vars, MetaVar{Name: MetaPlaceholderPrefix + name, Value: val})
+	}
+	return m
 }
 
 // ID returns the key's public ID.
@@ -141,6 +204,35 @@ func (ck *CachedKey) ScopesValue() any { return ck.scopes.Value() }
 
 // FullAccess reports whether the key carries no scope allowlist.
 func (ck *CachedKey) FullAccess() bool { return ck.full }
+
+// Disabled reports whether the key is suspended (see [Key.Disabled]).
+func (ck *CachedKey) Disabled() bool { return ck.disabled }
+
+// Meta returns the key's metadata as compact JSON, or "" if it has none.
+func (ck *CachedKey) Meta() string {
+	if ck.meta == nil {
+		return ""
+	}
+	return ck.meta.text
+}
+
+// MetaValue returns Meta() boxed once (nil without metadata); see IDValue.
+func (ck *CachedKey) MetaValue() any {
+	if ck.meta == nil {
+		return nil
+	}
+	return ck.meta.value
+}
+
+// MetaVars returns the placeholders of the metadata's top-level string,
+// number and boolean members, prepared when the record was cached; the
+// caller must not change the slice.
+func (ck *CachedKey) MetaVars() []MetaVar {
+	if ck.meta == nil {
+		return nil
+	}
+	return ck.meta.vars
+}
 
 // HasScope reports whether the key may act under scope s, as
 // [Key.HasScope] does.
@@ -175,6 +267,8 @@ func (ck *CachedKey) Status(now time.Time) string {
 		return StatusRevoked
 	case ck.expiredBy(now):
 		return StatusExpired
+	case ck.disabled:
+		return StatusDisabled
 	case ck.rotating:
 		return StatusRotating
 	}

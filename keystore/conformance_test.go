@@ -58,6 +58,7 @@ func runConformance(t *testing.T, b backend) {
 		{"IdempotencyReplaceSetsTTL", testIdempotencyReplaceSetsTTL},
 		{"IdempotencyConcurrentReserve", testIdempotencyConcurrentReserve},
 		{"UpdateFields", testUpdateFields},
+		{"DisabledAndMeta", testDisabledAndMeta},
 		{"UpdateRefusesImmutable", testUpdateRefusesImmutable},
 		{"UpdateFnError", testUpdateFnError},
 		{"UpdateNoChange", testUpdateNoChange},

@@ -9,6 +9,7 @@ package keystore
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"time"
 )
@@ -51,6 +52,13 @@ type Key struct {
 	// rotation; the rotation also brought ExpiresAt forward to the end of
 	// the grace period.
 	ReplacedBy string `json:"replaced_by,omitempty"`
+	// Disabled suspends the key without ending it: it is refused while
+	// set, but stays live (it counts towards an owner's live keys, see
+	// CountLive) and can be enabled again.
+	Disabled bool `json:"disabled,omitempty"`
+	// Meta is the operator's metadata for the key: a compact JSON object,
+	// opaque to the store; nil means none.
+	Meta json.RawMessage `json:"meta,omitempty"`
 	// LastUsedAt is when the key last passed the guard, as recorded with
 	// [Store.RecordUsage] (so it lags by the caller's flush interval), at
 	// millisecond precision; nil means never recorded. Get, List and Update
@@ -84,23 +92,28 @@ const (
 	StatusRotating = "rotating"
 	StatusExpired  = "expired"
 	StatusRevoked  = "revoked"
+	StatusDisabled = "disabled"
 )
 
-// Status reports k's state at time now: revoked, expired, rotating (replaced
-// by a newer key but still inside its grace period) or active.
+// Status reports k's state at time now: revoked, expired, disabled
+// (suspended, see Disabled), rotating (replaced by a newer key but still
+// inside its grace period) or active.
 func (k *Key) Status(now time.Time) string {
 	switch {
 	case k.RevokedAt != nil && !now.Before(*k.RevokedAt):
 		return StatusRevoked
 	case k.ExpiresAt != nil && !now.Before(*k.ExpiresAt):
 		return StatusExpired
+	case k.Disabled:
+		return StatusDisabled
 	case k.ReplacedBy != "":
 		return StatusRotating
 	}
 	return StatusActive
 }
 
-// Active reports whether k validates at time now: not revoked and not expired.
+// Active reports whether k is live at time now: not revoked and not
+// expired. A live key validates unless it is Disabled.
 func (k *Key) Active(now time.Time) bool {
 	if k.RevokedAt != nil && !now.Before(*k.RevokedAt) {
 		return false
@@ -217,8 +230,8 @@ type Store interface {
 	// the result, atomically with respect to other writers of that key (fn
 	// may run more than once under contention, so it must be free of side
 	// effects). An error from fn aborts the update and is returned as is.
-	// fn may change Name, Scopes, ExpiresAt, RevokedAt, Replaces and
-	// ReplacedBy; a change to ID, Owner, Digest, Prefix or CreatedAt gives
+	// fn may change Name, Scopes, ExpiresAt, RevokedAt, Replaces,
+	// ReplacedBy, Disabled and Meta; a change to ID, Owner, Digest, Prefix or CreatedAt gives
 	// ErrConflict, and nothing is stored either way (changes to LastUsedAt
 	// are ignored). Returns the updated key, with LastUsedAt filled in, or
 	// ErrNotFound. Giving a key an end, or moving its end, moves its

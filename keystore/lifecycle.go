@@ -34,6 +34,9 @@ func cloneKey(k *Key) *Key {
 	if k.Scopes != nil {
 		c.Scopes = slices.Clone(k.Scopes)
 	}
+	if k.Meta != nil {
+		c.Meta = slices.Clone(k.Meta)
+	}
 	c.ExpiresAt = cloneTime(k.ExpiresAt)
 	c.RevokedAt = cloneTime(k.RevokedAt)
 	c.LastUsedAt = cloneTime(k.LastUsedAt)
