@@ -107,7 +107,8 @@ type Handler struct {
 	MaxExpiresInDays int `json:"max_expires_in_days,omitempty"`
 
 	// IdempotencyTTL is how long Idempotency-Key results are kept; at
-	// most the store's retention. Default: 24h.
+	// most the store's retention. Default: 24h, or the store's retention
+	// if that is shorter.
 	IdempotencyTTL caddy.Duration `json:"idempotency_ttl,omitempty"`
 
 	// RequireIdempotencyKey makes the Idempotency-Key header mandatory on
@@ -422,7 +423,8 @@ func (h *Handler) applyDefaults() {
 		h.MaxExpiresInDays = DefaultMaxExpiresInDays
 	}
 	if h.IdempotencyTTL == 0 {
-		h.IdempotencyTTL = caddy.Duration(DefaultIdempotencyTTL)
+		// Never longer than retention (see Validate).
+		h.IdempotencyTTL = caddy.Duration(min(DefaultIdempotencyTTL, h.retention()))
 	}
 	h.storeTimeout = time.Duration(h.StoreTimeout)
 	if h.storeTimeout == 0 {
@@ -466,6 +468,14 @@ func (h *Handler) applyDefaults() {
 	}
 }
 
+// retention is how long the store keeps revoked and expired keys.
+func (h *Handler) retention() time.Duration {
+	if h.Store != nil && h.Store.Retention > 0 {
+		return time.Duration(h.Store.Retention)
+	}
+	return keystore.DefaultRetention
+}
+
 // Validate checks the configuration for mistakes.
 func (h *Handler) Validate() error {
 	if err := keystore.ValidatePrefix(h.KeyPrefix); err != nil {
@@ -480,11 +490,7 @@ func (h *Handler) Validate() error {
 	if h.IdempotencyTTL < 0 || h.StoreTimeout < 0 || h.LastUsedInterval < 0 {
 		return errors.New("apikeys: idempotency_ttl, store_timeout and last_used_interval must not be negative")
 	}
-	retention := keystore.DefaultRetention
-	if h.Store != nil && h.Store.Retention > 0 {
-		retention = time.Duration(h.Store.Retention)
-	}
-	if time.Duration(h.IdempotencyTTL) > retention {
+	if retention := h.retention(); time.Duration(h.IdempotencyTTL) > retention {
 		// A create retried after its key was revoked and then deleted
 		// under retention would store the very same raw key again.
 		return fmt.Errorf("apikeys: idempotency_ttl (%s) must not exceed the store's retention (%s): a retried create could bring back a key that retention deleted", time.Duration(h.IdempotencyTTL), retention)
