@@ -402,6 +402,7 @@ func edgeCorpus() []string {
 		"/v1/analytics/x/../../webhooks/1", "/v1/analytics/./../webhooks/1", "//v1/webhooks/1",
 		"/v1/analytics/..%2f..%2fwebhooks/1", "/v1/analytics/..%5c..%5cwebhooks/1", "/v1/analytics/.%00./webhooks/1",
 		"/v1/analytics/x;jsessionid=1", "/v1/analytics/x%3b/../../webhooks/1",
+		"/v1/analytics/%EF%BC%8E%EF%BC%8E/webhooks/1", // fullwidth dots: ".." after NFKC
 	}, all[:600]...)
 	return corpus
 }

@@ -23,7 +23,9 @@
 //     backends that route on the encoded path would not see it so;
 //   - no encoded control character (`%00`–`%1F`, `%7F`), no malformed
 //     escape, and the decoded path is valid UTF-8 (which refuses overlong
-//     forms such as `%C0%AE`);
+//     forms such as `%C0%AE`) with no character that Unicode compatibility
+//     normalisation (NFKC) turns into a dot or separator (`%EF%BC%8E`,
+//     FULLWIDTH FULL STOP);
 //   - every literal byte is one RFC 3986 allows in a path (unreserved,
 //     sub-delimiters other than `;`, `:` and `@`).
 //
@@ -33,9 +35,13 @@
 package requesttarget
 
 import (
+	"bytes"
 	"errors"
 	"strings"
+	"sync"
 	"unicode/utf8"
+
+	"golang.org/x/text/unicode/norm"
 )
 
 // Options relax Check for backends whose API needs it.
@@ -62,7 +68,44 @@ var (
 	ErrBadEscape        = errors.New("the path has a malformed percent-encoding")
 	ErrInvalidUTF8      = errors.New("the path does not decode to valid UTF-8")
 	ErrIllegalByte      = errors.New("the path has a character that must be percent-encoded")
+	ErrCompatSeparator  = errors.New("the path has a character that Unicode compatibility normalisation (NFKC) turns into . / \\ % ; ? or # (a fullwidth dot, say)")
 )
+
+// compatSeparator reports whether the UTF-8 encoded rune b becomes a
+// separator or dot under NFKC, as it does for backends that normalise
+// paths (Java's Normalizer, .NET's best-fit mappings): U+FF0E FULLWIDTH
+// FULL STOP is ".", U+2025 TWO DOT LEADER is "..", U+FF0F is "/". It does
+// not allocate (see compatSeparators).
+func compatSeparator(b []byte) bool {
+	r, _ := utf8.DecodeRune(b)
+	compatOnce.Do(findCompatSeparators)
+	_, found := compatSeparators[r]
+	return found
+}
+
+var (
+	compatOnce sync.Once
+	// compatSeparators are the runes whose NFKC form holds one of
+	// ./\%;?# (about a hundred: fullwidth and small forms, dot leaders,
+	// enclosed numbers with a full stop, ...). Found once, on first use,
+	// by normalising every rune up to U+1FFFF: compatibility mappings to
+	// ASCII punctuation stop there.
+	compatSeparators map[rune]struct{}
+)
+
+func findCompatSeparators() {
+	compatSeparators = make(map[rune]struct{})
+	var buf [utf8.UTFMax]byte
+	for r := rune(0x80); r <= 0x1FFFF; r++ {
+		n := utf8.EncodeRune(buf[:], r)
+		if norm.NFKC.IsNormal(buf[:n]) {
+			continue
+		}
+		if bytes.ContainsAny(norm.NFKC.Bytes(buf[:n]), `./\%;?#`) {
+			compatSeparators[r] = struct{}{}
+		}
+	}
+}
 
 // Check returns nil when escapedPath (a request's path as sent on the wire:
 // [url.URL.EscapedPath], without the query) is canonical under opts, and
@@ -123,6 +166,9 @@ func Check(escapedPath string, opts Options) error {
 			if npend == need {
 				if !utf8.Valid(pending[:npend]) {
 					return ErrInvalidUTF8
+				}
+				if compatSeparator(pending[:npend]) {
+					return ErrCompatSeparator
 				}
 				npend = 0
 			}

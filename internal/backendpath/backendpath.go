@@ -12,6 +12,8 @@ import (
 	"net/url"
 	"path"
 	"strings"
+
+	"golang.org/x/text/unicode/norm"
 )
 
 // Model names a backend's reading of a path.
@@ -31,6 +33,7 @@ var Models = []Model{
 	{"servlet-path-params", servletPathParams},
 	{"iis-backslash-casefold", iisBackslash},
 	{"double-decode", doubleDecode},
+	{"nfkc-normalize", nfkcNormalize},
 }
 
 // goServeMux: Go 1.22+ ServeMux redirects a path that path.Clean would
@@ -111,6 +114,18 @@ func doubleDecode(escaped string) (string, bool) {
 		d = d2
 	}
 	return cleanKeepTrailing(d), true
+}
+
+// nfkcNormalize: decode, then Unicode compatibility normalisation (NFKC),
+// as Java's Normalizer or .NET's best-fit mappings may apply, then
+// normalise the path. Its result is compared by structure, not text: NFKC
+// changes letters too (½ becomes 1⁄2).
+func nfkcNormalize(escaped string) (string, bool) {
+	d, err := url.PathUnescape(escaped)
+	if err != nil {
+		return "", false
+	}
+	return cleanKeepTrailing(strings.ReplaceAll(norm.NFKC.String(d), `\`, "/")), true
 }
 
 func cleanKeepTrailing(p string) string {
