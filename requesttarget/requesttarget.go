@@ -13,7 +13,8 @@
 //
 //   - the path starts with `/` and has no empty segment (`//`), except that
 //     it may end with `/`;
-//   - no segment is `.` or `..`;
+//   - no segment is `.` or `..`, nor any other run of dots only (`...`,
+//     which Windows path handling may shorten to `..`);
 //   - no `;`, literal or encoded (a path-parameter delimiter to Servlet
 //     containers);
 //   - no encoded `/`, `\`, `%`, `?`, `#` (encoded separators and double
@@ -60,7 +61,7 @@ type Options struct {
 var (
 	ErrNotAbsolute      = errors.New("the path must start with /")
 	ErrEmptySegment     = errors.New("the path has an empty segment (//)")
-	ErrDotSegment       = errors.New("the path has a . or .. segment")
+	ErrDotSegment       = errors.New("the path has a segment of dots only (. or ..)")
 	ErrSemicolon        = errors.New("the path has a ; (a path-parameter delimiter to some backends)")
 	ErrEncodedSeparator = errors.New("the path has an encoded /, \\, %, ? or # (an encoded separator or double encoding)")
 	ErrNeedlessEncoding = errors.New("the path percent-encodes a character that needs no encoding (letters, digits, - . _ ~)")
@@ -135,7 +136,7 @@ func Check(escapedPath string, opts Options) error {
 			if segLen == 0 {
 				return ErrEmptySegment
 			}
-			if segLen == segDots && segDots <= 2 {
+			if segLen == segDots {
 				return ErrDotSegment
 			}
 			segLen, segDots = 0, 0
@@ -206,7 +207,7 @@ func Check(escapedPath string, opts Options) error {
 			if segLen == 0 || i+1 == len(p) || p[i+1] == '/' {
 				return ErrEmptySegment
 			}
-			if segLen == segDots && segDots <= 2 {
+			if segLen == segDots {
 				return ErrDotSegment
 			}
 			segLen, segDots = 0, 0
@@ -219,7 +220,7 @@ func Check(escapedPath string, opts Options) error {
 	if npend != 0 {
 		return ErrInvalidUTF8
 	}
-	if segLen > 0 && segLen == segDots && segDots <= 2 {
+	if segLen > 0 && segLen == segDots {
 		return ErrDotSegment
 	}
 	return nil

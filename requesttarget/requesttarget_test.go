@@ -14,7 +14,6 @@ func TestCheck(t *testing.T) {
 		"/",
 		"/v1/analytics/daily",
 		"/v1/analytics/",
-		"/v1/analytics/...",         // three dots name a file, not a segment to remove
 		"/v1/analytics/.hidden",     // a dot file
 		"/v1/analytics/a.b..c",      // dots inside a name
 		"/v1/files/my%20file",       // a space must be encoded
@@ -48,6 +47,8 @@ func TestCheck(t *testing.T) {
 		{"/v1/webhooks/..", ErrDotSegment},
 		{"/v1/webhooks/.", ErrDotSegment},
 		{"/..", ErrDotSegment},
+		{"/v1/analytics/.../webhooks", ErrDotSegment}, // Windows may read ... as ..
+		{"/v1/analytics/....", ErrDotSegment},
 		{"/v1/webhooks/%2e%2e/analytics/x", ErrNeedlessEncoding},
 		{"/v1/webhooks/%2E%2E/analytics/x", ErrNeedlessEncoding},
 		{"/v1/webhooks/.%2e/analytics/x", ErrNeedlessEncoding},
