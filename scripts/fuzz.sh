@@ -33,23 +33,22 @@ fi
 # Go 1.26's fuzzing coordinator can fail a target with a bare "context
 # deadline exceeded" when -fuzztime ends while a worker is mid-run on a busy
 # machine (golang/go#75804, fixed in Go 1.27): no input is found and none is
-# written. Such a run is retried once; a run that wrote a failing input, or
-# failed any other way, fails the script.
+# written. Such a run is retried, twice at most; a run that wrote a failing
+# input, or failed any other way, fails the script.
 fuzz_one() {
-	local pkg=$1 target=$2 log
+	local pkg=$1 target=$2 log try
 	log=$(mktemp)
-	if go test -run '^$' -fuzz "^${target}\$" -fuzztime "${seconds}s" "$pkg" 2>&1 | tee "$log"; then
-		rm -f "$log"
-		return 0
-	fi
-	if grep -q '^    context deadline exceeded$' "$log" && ! grep -q 'Failing input written' "$log"; then
-		rm -f "$log"
-		echo "fuzz.sh: $target stopped on Go's fuzztime deadline race (golang/go#75804), nothing found; once more"
-		go test -run '^$' -fuzz "^${target}\$" -fuzztime "${seconds}s" "$pkg"
-		return
-	fi
-	rm -f "$log"
-	return 1
+	for try in 1 2 3; do
+		if go test -run '^$' -fuzz "^${target}\$" -fuzztime "${seconds}s" "$pkg" 2>&1 | tee "$log"; then
+			rm -f "$log"
+			return 0
+		fi
+		if [ "$try" = 3 ] || ! grep -q '^    context deadline exceeded$' "$log" || grep -q 'Failing input written' "$log"; then
+			rm -f "$log"
+			return 1
+		fi
+		echo "fuzz.sh: $target stopped on Go's fuzztime deadline race (golang/go#75804), nothing found; again"
+	done
 }
 
 while read -r pkg target; do
