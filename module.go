@@ -372,7 +372,11 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 	}
 	h.store, h.cache, h.storePoolKey = store, store, poolKey
 	if h.inCaddy && h.storeErr == nil {
-		h.checkStoreAtStart(cmp.Or(storeCfg.Type, "file"))
+		// Once per store in this process: a reload reuses the open store,
+		// and a ping beside a reload's traffic only grows its pool.
+		if _, seen := pingedStores.LoadOrStore(poolKey, true); !seen {
+			h.checkStoreAtStart(cmp.Or(storeCfg.Type, "file"))
+		}
 	}
 	if secret == nil {
 		secret = autoSecret

@@ -72,6 +72,10 @@ func (a *App) Stop() error { return nil }
 // isLocked reports whether err is a bbolt file held by another process.
 func isLocked(err error) bool { return errors.Is(err, berrors.ErrTimeout) }
 
+// pingedStores holds the pool keys of the stores checkStoreAtStart has
+// pinged in this process.
+var pingedStores sync.Map
+
 // checkStoreAtStart pings the store once, bounded by store_timeout, and logs
 // a warning when it does not answer: Caddy starts anyway (keys the cache
 // knows keep working, the rest get 503 until the store answers), so the
