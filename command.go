@@ -294,11 +294,8 @@ func runRevoke(cmd *cobra.Command, args []string) error {
 	ctx, cancel := cmdContext()
 	defer cancel()
 	k, err := h.store.Revoke(ctx, args[0], h.now().UTC().Truncate(time.Millisecond))
-	if errors.Is(err, keystore.ErrNotFound) {
-		return fmt.Errorf("no key %q", args[0])
-	}
 	if err != nil {
-		return err
+		return keyErr(err, args[0])
 	}
 	h.audit("revoked", k)
 	b, _ := marshalJSON(newKeyView(k, h.now()))
@@ -319,11 +316,8 @@ func runRotate(cmd *cobra.Command, args []string) error {
 	ctx, cancel := cmdContext()
 	defer cancel()
 	k, err := h.store.Get(ctx, args[0])
-	if errors.Is(err, keystore.ErrNotFound) {
-		return fmt.Errorf("no key %q", args[0])
-	}
 	if err != nil {
-		return err
+		return keyErr(err, args[0])
 	}
 	op, aerr := h.prepareRotate(ctx, jwtauth.Claims{Owner: k.Owner}, k.ID, grace)
 	return h.finishMint(ctx, cmd, op, aerr)
@@ -546,4 +540,12 @@ func scopeString(k *keystore.Key) string {
 		return keystore.FullAccessScopes
 	}
 	return strings.Join(k.Scopes, " ")
+}
+
+// keyErr is a key command's answer to err from the store about key id.
+func keyErr(err error, id string) error {
+	if errors.Is(err, keystore.ErrNotFound) {
+		return fmt.Errorf("no key %q", id)
+	}
+	return err
 }

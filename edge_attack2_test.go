@@ -202,25 +202,7 @@ http://:%d {
 	}
 	t.Cleanup(func() { stopCaddy(t) })
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	mint := func(owner, body string) string {
-		req, _ := http.NewRequest("POST", "http://"+addr+"/v1/apikeys", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, owner))
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var out struct {
-			Data struct {
-				Key string `json:"key"`
-			} `json:"data"`
-		}
-		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 201 {
-			t.Fatalf("minting: %d %v", resp.StatusCode, err)
-		}
-		return out.Data.Key
-	}
+	mint := func(owner, body string) string { return mintKey(t, addr, owner, body) }
 	a := mint("alice", `{"name":"alice analytics","scopes":["analytics:read"]}`)
 	b := mint("mallory", `{"name":"mallory full"}`)
 

@@ -262,29 +262,34 @@ http://:%d {
 		site = a
 		break
 	}
-	mint := func(body string) string {
-		req, _ := http.NewRequest("POST", "http://"+site+"/v1/apikeys", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+dashboardToken(t, "edge-owner"))
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var out struct {
-			Data struct {
-				Key string `json:"key"`
-			} `json:"data"`
-		}
-		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 201 {
-			t.Fatalf("minting a key: %d %v", resp.StatusCode, err)
-		}
-		return out.Data.Key
-	}
+	mint := func(body string) string { return mintKey(t, site, "edge-owner", body) }
 	g.analytics = mint(`{"name":"analytics","scopes":["analytics:read"]}`)
 	g.webhooks = mint(`{"name":"webhooks","scopes":["webhooks:manage"]}`)
 	g.full = mint(`{"name":"full"}`)
 	return g
+}
+
+// mintKey creates a key for owner through the management API at addr and
+// returns the raw key.
+func mintKey(t *testing.T, addr, owner, body string) string {
+	t.Helper()
+	req, _ := http.NewRequest("POST", "http://"+addr+"/v1/apikeys", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+dashboardToken(t, owner))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Data struct {
+			Key string `json:"key"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 201 {
+		t.Fatalf("minting a key: %d %v", resp.StatusCode, err)
+	}
+	return out.Data.Key
 }
 
 // rawResponse is a response read off a raw connection.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"strconv"
 	"text/tabwriter"
 	"time"
 
@@ -50,28 +49,11 @@ func (h *Handler) serveFindPrefix(w http.ResponseWriter, r *http.Request, claims
 	if !h.isDisplayPrefix(prefix) {
 		return writeError(w, validationError("prefix", fmt.Sprintf("`prefix` must be a key's display prefix: %s followed by 8 lowercase hex characters. Never put a whole key in a URL.", h.KeyPrefix)))
 	}
-	limit := DefaultListLimit
-	if s := q.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > maxListLimit {
-			return writeError(w, validationError("limit", fmt.Sprintf("`limit` must be a whole number from 1 to %d.", maxListLimit)))
-		}
-		limit = n
+	lq, aerr := parseListQuery(q)
+	if aerr != nil {
+		return writeError(w, aerr)
 	}
-	status := q.Get("status")
-	switch status {
-	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked, keystore.StatusDisabled:
-	default:
-		return writeError(w, validationError("status", "`status` must be one of active, rotating, disabled, expired, revoked."))
-	}
-	var cursor string
-	if s := q.Get("cursor"); s != "" {
-		b, err := base64.RawURLEncoding.DecodeString(s)
-		if err != nil {
-			return writeError(w, validationError("cursor", "`cursor` is not a cursor this API returned."))
-		}
-		cursor = string(b)
-	}
+	limit, status, cursor := lq.limit, lq.status, lq.cursor
 	ctx, cancel := h.storeCtx(r)
 	defer cancel()
 	now := h.now()
@@ -203,11 +185,8 @@ func runGet(cmd *cobra.Command, args []string) error {
 	ctx, cancel := cmdContext()
 	defer cancel()
 	k, err := h.store.Get(ctx, args[0])
-	if errors.Is(err, keystore.ErrNotFound) {
-		return fmt.Errorf("no key %q", args[0])
-	}
 	if err != nil {
-		return err
+		return keyErr(err, args[0])
 	}
 	b, _ := marshalJSON(foundKey{Owner: k.Owner, keyView: newKeyView(k, h.now())})
 	_, err = fmt.Fprintln(cmd.OutOrStdout(), string(b))

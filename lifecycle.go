@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"time"
@@ -68,6 +69,39 @@ type listResponse struct {
 	NextCursor *string   `json:"next_cursor"`
 }
 
+// listQuery is the paging and filter of a list request.
+type listQuery struct {
+	limit  int
+	status string // "" for every status
+	cursor string // decoded
+}
+
+// parseListQuery reads `limit`, `status` and `cursor` of a list request
+// (also of a prefix search).
+func parseListQuery(q url.Values) (listQuery, *apiError) {
+	lq := listQuery{limit: DefaultListLimit, status: q.Get("status")}
+	if s := q.Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > maxListLimit {
+			return lq, validationError("limit", fmt.Sprintf("`limit` must be a whole number from 1 to %d.", maxListLimit))
+		}
+		lq.limit = n
+	}
+	switch lq.status {
+	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked, keystore.StatusDisabled:
+	default:
+		return lq, validationError("status", "`status` must be one of active, rotating, disabled, expired, revoked.")
+	}
+	if s := q.Get("cursor"); s != "" {
+		b, err := base64.RawURLEncoding.DecodeString(s)
+		if err != nil {
+			return lq, validationError("cursor", "`cursor` is not a cursor this API returned.")
+		}
+		lq.cursor = string(b)
+	}
+	return lq, nil
+}
+
 // serveList answers GET /v1/apikeys?limit=&cursor=&status=, the caller's
 // keys newest first.
 func (h *Handler) serveList(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims) error {
@@ -75,28 +109,11 @@ func (h *Handler) serveList(w http.ResponseWriter, r *http.Request, claims jwtau
 	if q.Has("prefix") {
 		return h.serveFindPrefix(w, r, claims) // findkeys.go
 	}
-	limit := DefaultListLimit
-	if s := q.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > maxListLimit {
-			return writeError(w, validationError("limit", fmt.Sprintf("`limit` must be a whole number from 1 to %d.", maxListLimit)))
-		}
-		limit = n
+	lq, aerr := parseListQuery(q)
+	if aerr != nil {
+		return writeError(w, aerr)
 	}
-	status := q.Get("status")
-	switch status {
-	case "", keystore.StatusActive, keystore.StatusRotating, keystore.StatusExpired, keystore.StatusRevoked, keystore.StatusDisabled:
-	default:
-		return writeError(w, validationError("status", "`status` must be one of active, rotating, disabled, expired, revoked."))
-	}
-	var cursor string
-	if s := q.Get("cursor"); s != "" {
-		b, err := base64.RawURLEncoding.DecodeString(s)
-		if err != nil {
-			return writeError(w, validationError("cursor", "`cursor` is not a cursor this API returned."))
-		}
-		cursor = string(b)
-	}
+	limit, status, cursor := lq.limit, lq.status, lq.cursor
 
 	ctx, cancel := h.storeCtx(r)
 	defer cancel()
