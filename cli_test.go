@@ -40,18 +40,7 @@ http://127.0.0.1:%d {
 
 	// run returns stdout; stderr (Caddy's config-loading logs, errors) is
 	// appended when the command fails.
-	run := func(args ...string) (string, error) {
-		t.Helper()
-		cmd := exec.Command(testcaddy.Binary(t), append([]string{"apikeys"}, args...)...)
-		cmd.Env = append(os.Environ(), "APIKEYS_TEST_SECRET="+testSecret)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			return string(out) + stderr.String(), err
-		}
-		return string(out), nil
-	}
+	run := func(args ...string) (string, error) { t.Helper(); return runCLI(t, args...) }
 	call := func(key string) int {
 		req, _ := http.NewRequest("GET", base+"/v1/analytics/daily", nil)
 		req.Header.Set("Authorization", "Bearer "+key)
@@ -131,4 +120,20 @@ http://127.0.0.1:%d {
 			t.Errorf("%v: err=%v, output does not mention %q:\n%s", c.args, err, c.want, out)
 		}
 	}
+}
+
+// runCLI runs `caddy apikeys args...` (the test binary of testcaddy) with
+// the test secret in its environment. It returns stdout, and stderr too
+// when the command fails (Caddy's config-loading logs, the error).
+func runCLI(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(testcaddy.Binary(t), append([]string{"apikeys"}, args...)...)
+	cmd.Env = append(os.Environ(), "APIKEYS_TEST_SECRET="+testSecret)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out) + stderr.String(), err
+	}
+	return string(out), nil
 }

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"hash/crc32"
 	"net/http"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -153,15 +151,7 @@ http://127.0.0.1:%d {
 	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)})
 	cfg := filepath.Join(proc.Dir(), "Caddyfile")
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	run := func(args ...string) (string, error) {
-		t.Helper()
-		cmd := exec.Command(testcaddy.Binary(t), append([]string{"apikeys"}, args...)...)
-		cmd.Env = append(os.Environ(), "APIKEYS_TEST_SECRET="+testSecret)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		return string(out) + stderr.String(), err
-	}
+	run := func(args ...string) (string, error) { t.Helper(); return runCLI(t, args...) }
 	call := func(key string) int {
 		req, _ := http.NewRequest("GET", base+"/v1/x", nil)
 		req.Header.Set("Authorization", "Bearer "+key)

@@ -4,8 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -386,18 +384,7 @@ http://127.0.0.1:%d {
 	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)}, "APIKEYS_TEST_SECRET="+testSecret)
 	cfg := filepath.Join(proc.Dir(), "Caddyfile")
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	run := func(args ...string) (string, error) {
-		t.Helper()
-		cmd := exec.Command(testcaddy.Binary(t), append([]string{"apikeys"}, args...)...)
-		cmd.Env = append(os.Environ(), "APIKEYS_TEST_SECRET="+testSecret)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			return string(out) + stderr.String(), err
-		}
-		return string(out), nil
-	}
+	run := func(args ...string) (string, error) { t.Helper(); return runCLI(t, args...) }
 	client := &http.Client{Timeout: 5 * time.Second}
 	until := func(key string, want int) {
 		t.Helper()
