@@ -62,7 +62,9 @@ var _ Backend = (*RedisBackend)(nil)
 
 // NewRedisBackend returns a shared Backend on client, with keys under
 // namespace ("" means DefaultRedisNamespace; use the key store's). The
-// caller keeps ownership of client.
+// caller keeps ownership of client, which should have
+// ContextTimeoutEnabled (keystore's clients do): only then does
+// Options.Timeout bound a call to a hung server.
 func NewRedisBackend(client redis.UniversalClient, namespace string) *RedisBackend {
 	if namespace == "" {
 		namespace = DefaultRedisNamespace

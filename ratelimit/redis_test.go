@@ -377,3 +377,116 @@ func TestRedisHammeredCommands(t *testing.T) {
 		t.Fatal("over 0.05 commands per admitted request")
 	}
 }
+
+// TestRedisOutage: with Redis hung (SIGSTOP) or down, requests are decided
+// locally within the timeout, quotas counted locally, and the counts are
+// added to the shared ones when Redis is back.
+func TestRedisOutage(t *testing.T) {
+	srv := testredis.Start(t)
+	c := newClock(date("2026-03-10T12:00:00Z"))
+	// As keystore builds its clients: context deadlines bound every call.
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr(), ContextTimeoutEnabled: true, MaxRetries: 1, DialTimeout: time.Second})
+	defer client.Close()
+	be := NewRedisBackend(client, fmt.Sprintf("rltest%d", namespaces.Add(1)))
+	l, err := newLimiterLoop(Options{Backend: be, Now: c.Now, Timeout: 100 * time.Millisecond}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	p := &Policy{Name: "p", Limit: 10, Window: time.Minute, Quota: 25, Period: Day}
+	for range 5 {
+		if d := l.Allow("s", p); d.Result != Allowed {
+			t.Fatalf("%+v", d)
+		}
+	}
+	if err := l.Sync(false); err != nil {
+		t.Fatal(err)
+	}
+	for _, outage := range []struct {
+		name      string
+		down, up  func()
+		recovered int64 // shared count after reconciling
+	}{
+		{"hung", srv.Pause, srv.Resume, 15},
+		{"down", srv.Stop, srv.Restart, 10}, // the restarted server lost its data
+	} {
+		c.Add(time.Hour) // a fresh bucket
+		outage.down()
+		counted := 0
+		for range 12 {
+			start := time.Now()
+			d := l.Allow("s", p)
+			if el := time.Since(start); el > time.Second {
+				t.Fatalf("%s: Allow took %s", outage.name, el)
+			}
+			if d.Result == Allowed {
+				counted++
+			}
+		}
+		if !l.Degraded() {
+			t.Fatalf("%s: not degraded", outage.name)
+		}
+		// Local limiting, the full limit: 10 of 12; the quota counted
+		// locally (5 + 10 of 25 after the first outage, 25 after the second).
+		if want := min(10, 25-5-10*boolInt(outage.name == "down")); counted != want {
+			t.Fatalf("%s: %d admitted during the outage, want %d", outage.name, counted, want)
+		}
+		if err := l.Sync(false); err == nil {
+			t.Fatalf("%s: Sync succeeded during the outage", outage.name)
+		}
+		outage.up()
+		if err := l.Sync(true); err != nil {
+			t.Fatalf("%s: Sync after the outage: %v", outage.name, err)
+		}
+		if l.Degraded() {
+			t.Fatalf("%s: still degraded", outage.name)
+		}
+		start, _ := periodBounds(Day, c.ns.Load())
+		n, err := be.quotaCount(context.Background(), "s", Day, start)
+		if err != nil || n != outage.recovered {
+			t.Fatalf("%s: shared count %d (%v), want %d", outage.name, n, err, outage.recovered)
+		}
+	}
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// TestRedisRestart: quota counts survive Close and New; a crash (no
+// Close) over-counts at most the tokens leased and not spent.
+func TestRedisRestart(t *testing.T) {
+	srv := testredis.Start(t)
+	client := srv.Client(t)
+	c := newClock(date("2026-03-10T12:00:00Z"))
+	be := NewRedisBackend(client, fmt.Sprintf("rltest%d", namespaces.Add(1)))
+	p := &Policy{Name: "p", Quota: 1000, Period: Month}
+	l, _ := newLimiterLoop(Options{Backend: be, Now: c.Now}, false)
+	for range 30 {
+		l.Allow("s", p)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l, _ = newLimiterLoop(Options{Backend: be, Now: c.Now}, false)
+	if u, err := l.Usage(context.Background(), "s", p); err != nil || u.Used != 30 {
+		t.Fatalf("after Close and New: %+v, %v", u, err)
+	}
+	for range 10 {
+		l.Allow("s", p)
+	}
+	sh, h := l.shardOf("s")
+	i, _ := sh.find(h)
+	held := sh.st[i].qHeld
+	// Crash: no Close.
+	l2, _ := newLimiterLoop(Options{Backend: be, Now: c.Now}, false)
+	defer l2.Close()
+	u, err := l2.Usage(context.Background(), "s", p)
+	if err != nil || u.Used != 40+held {
+		t.Fatalf("after a crash: %+v, %v; want 40 + %d leased, not spent", u, err, held)
+	}
+	t.Logf("crash with %d quota tokens leased and not spent: counted %d for 40 accepted", held, u.Used)
+}
