@@ -490,3 +490,35 @@ func TestRedisRestart(t *testing.T) {
 	}
 	t.Logf("crash with %d quota tokens leased and not spent: counted %d for 40 accepted", held, u.Used)
 }
+
+// BenchmarkAllowShared is the hit path with a shared backend: the subject
+// holds leased tokens.
+func BenchmarkAllowShared(b *testing.B) {
+	srv := testredis.Start(b)
+	client := srv.Client(b)
+	p := &Policy{Name: "p", Limit: 1 << 40, Window: MaxWindow / 2, Quota: 1 << 60, Period: Month}
+	for _, n := range []int{1, 100_000} {
+		b.Run(fmt.Sprintf("subjects=%d", n), func(b *testing.B) {
+			ls, _ := redisLimiters(b, client, nil, 1)
+			l := ls[0]
+			names := make([]string, n)
+			for i := range names {
+				names[i] = fmt.Sprintf("key_%016x", i)
+				for range 12 { // leases double: 2, 4, ... 4096 tokens
+					l.Allow(names[i], p)
+				}
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			i := 0
+			for b.Loop() {
+				if l.Allow(names[i], p).Result != Allowed {
+					b.Fatal("refused")
+				}
+				if i++; i == n {
+					i = 0
+				}
+			}
+		})
+	}
+}
