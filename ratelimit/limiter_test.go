@@ -447,14 +447,22 @@ func TestHistory(t *testing.T) {
 
 // BenchmarkAllow is the hit path: a subject with a plan, already seen.
 func BenchmarkAllow(b *testing.B) {
+	benchAllow(b, func(b *testing.B) *Limiter { l, _ := newBoltLimiter(b, nil); return l }, 1)
+}
+
+// benchAllow measures Allow over 1 and 100,000 subjects in turn, each
+// first seen warm times.
+func benchAllow(b *testing.B, newL func(*testing.B) *Limiter, warm int) {
 	p := &Policy{Name: "p", Limit: 1 << 40, Window: MaxWindow / 2, Quota: 1 << 60, Period: Month}
 	for _, n := range []int{1, 100_000} {
 		b.Run(fmt.Sprintf("subjects=%d", n), func(b *testing.B) {
-			l, _ := newBoltLimiter(b, nil)
+			l := newL(b)
 			names := make([]string, n)
 			for i := range names {
 				names[i] = fmt.Sprintf("key_%016x", i)
-				l.Allow(names[i], p)
+				for range warm {
+					l.Allow(names[i], p)
+				}
 			}
 			b.ReportAllocs()
 			b.ResetTimer()
