@@ -37,6 +37,14 @@ const minSyncInterval = 50 * time.Millisecond
 // long.
 const HistoryDays = 90
 
+// idleEvict is how long a subject goes unseen before its state may be
+// dropped (see evictIdle); sweepEvery is how many syncs apart the table is
+// swept.
+const (
+	idleEvict  = 2 * time.Minute
+	sweepEvery = 10
+)
+
 // nShards is the number of independently locked parts of the subject
 // table; a power of two.
 const nShards = 64
@@ -88,9 +96,10 @@ type state struct {
 	qLastWant            int64
 	qLoaded, qEmpty      bool
 
-	leasing bool  // a request is leasing for this subject
-	dirty   bool  // listed in the shard's dirty list
-	demand  int64 // requests seen since the last sync
+	leasing  bool  // a request is leasing for this subject
+	dirty    bool  // listed in the shard's dirty list
+	demand   int64 // requests seen since the last sync
+	lastSeen int64 // the last request's time
 
 	// Daily counts not yet sent to the backend, of day.
 	day                        int32
@@ -320,11 +329,12 @@ func (l *Limiter) Allow(subject string, p *Policy) Decision {
 	sh.rollDay(i, now)
 	sh.markDirty(i)
 	st.demand++
+	st.lastSeen = now
 	var d Decision
 	if !l.shared || l.degraded.Load() {
 		d = l.decideLocal(sh, i, now)
 	} else {
-		d = l.decideShared(sh, i, now)
+		d = l.decideShared(sh, h, i, now)
 	}
 	sh.mu.Unlock()
 	return d
@@ -428,7 +438,7 @@ func (l *Limiter) decideLocal(sh *shard, i int32, now int64) Decision {
 
 // decideShared decides against leased tokens, leasing synchronously when
 // the instance has none and does not know the shared bucket to be empty.
-func (l *Limiter) decideShared(sh *shard, i int32, now int64) Decision {
+func (l *Limiter) decideShared(sh *shard, h uint64, i int32, now int64) Decision {
 	for attempt := 0; ; attempt++ {
 		st := &sh.st[i]
 		next := st.tat
@@ -468,7 +478,8 @@ func (l *Limiter) decideShared(sh *shard, i int32, now int64) Decision {
 			}
 			return st.refuseQuota(now)
 		}
-		if !l.lease(sh, i, now, needRate, needQuota) {
+		var ok bool
+		if i, ok = l.lease(sh, h, i, now, needRate, needQuota); !ok {
 			return l.decideLocal(sh, i, now)
 		}
 	}
@@ -476,14 +487,19 @@ func (l *Limiter) decideShared(sh *shard, i int32, now int64) Decision {
 
 // lease leases tokens for subject i synchronously: sh.mu is held on entry
 // and exit, released during the call. It waits for a lease already in
-// flight for the subject instead of making another. It reports false when
-// the backend failed (the Limiter is then degraded).
-func (l *Limiter) lease(sh *shard, i int32, now int64, needRate, needQuota bool) bool {
+// flight for the subject instead of making another. It returns the
+// subject's index, which a sweep (evictIdle) may have changed while it
+// waited, and false when the backend failed (the Limiter is then
+// degraded).
+func (l *Limiter) lease(sh *shard, h uint64, i int32, now int64, needRate, needQuota bool) (int32, bool) {
 	if sh.st[i].leasing {
 		for sh.st[i].leasing {
 			sh.cond.Wait()
+			// While the lock was released the subject may have been
+			// moved (never dropped: it was seen just now).
+			i, _ = sh.find(h)
 		}
-		return !l.degraded.Load()
+		return i, !l.degraded.Load()
 	}
 	st := &sh.st[i]
 	st.leasing = true
@@ -513,7 +529,7 @@ func (l *Limiter) lease(sh *shard, i int32, now int64, needRate, needQuota bool)
 	if err != nil {
 		st.held += it.ret // not returned after all
 		l.setDegraded(err)
-		return false
+		return i, false
 	}
 	l.setDegraded(nil)
 	r := &items[0]
@@ -524,7 +540,7 @@ func (l *Limiter) lease(sh *shard, i int32, now int64, needRate, needQuota bool)
 		st.applyQuota(r, 0, now)
 		st.qLocal -= r.qAdd
 	}
-	return true
+	return i, true
 }
 
 // applyRate takes a lease reply: kept is the number of tokens the

@@ -3,6 +3,7 @@ package ratelimit
 import (
 	"context"
 	"fmt"
+	"hash/maphash"
 	"time"
 )
 
@@ -90,6 +91,9 @@ func (l *Limiter) Sync(final bool) error {
 	l.minH.Store(minH)
 	hist = dropEmpty(hist)
 	if len(items) == 0 && len(hist) == 0 {
+		if l.syncs%sweepEvery == 0 {
+			l.evictIdle(now)
+		}
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.syncTimeout(len(items)+len(hist)))
@@ -122,10 +126,68 @@ func (l *Limiter) Sync(final bool) error {
 		}
 		sh.mu.Unlock()
 	}
+	if err == nil && l.syncs%sweepEvery == 0 {
+		l.evictIdle(now)
+	}
 	if err != nil {
 		return fmt.Errorf("ratelimit: sync: %w", err)
 	}
 	return nil
+}
+
+// evictIdle drops the state of subjects that carry nothing the backend
+// does not have: unseen for idleEvict, their local bucket full again, no
+// token held, no count pending, not listed for the next sync and not
+// leasing. A subject seen again starts afresh from the backend (its quota
+// count is read or leased again), so the table holds the subjects in use,
+// not every subject ever seen. syncMu is held, so no sync holds an index;
+// a subject leasing keeps its index (requests waiting on it hold it).
+func (l *Limiter) evictIdle(now int64) {
+	for si := range l.shards {
+		sh := &l.shards[si]
+		sh.mu.Lock()
+		for i := int32(0); i < int32(len(sh.st)); {
+			st := &sh.st[i]
+			if st.dirty || st.leasing || now-st.lastSeen < int64(idleEvict) || st.tat > now ||
+				st.emptyUntil > now || st.held != 0 || st.qHeld != 0 || st.qLocal != 0 ||
+				st.accepted|st.limited|st.refused != 0 {
+				i++
+				continue
+			}
+			last := int32(len(sh.st)) - 1
+			if last != i && sh.st[last].leasing {
+				i++ // the last subject's index is in use; try next sweep
+				continue
+			}
+			delete(sh.idx, maphash.String(l.seed, sh.names[i]))
+			if last != i {
+				sh.st[i], sh.names[i] = sh.st[last], sh.names[last]
+				sh.idx[maphash.String(l.seed, sh.names[i])] = i
+				if sh.st[i].dirty {
+					for k, d := range sh.dirty {
+						if d == last {
+							sh.dirty[k] = i
+						}
+					}
+				}
+			}
+			sh.st[last], sh.names[last] = state{}, ""
+			sh.st, sh.names = sh.st[:last], sh.names[:last]
+		}
+		sh.mu.Unlock()
+	}
+}
+
+// subjects returns how many subjects the Limiter holds state for.
+func (l *Limiter) subjects() int {
+	n := 0
+	for si := range l.shards {
+		sh := &l.shards[si]
+		sh.mu.Lock()
+		n += len(sh.st)
+		sh.mu.Unlock()
+	}
+	return n
 }
 
 // syncTimeout allows a large sync more than one call's timeout.
