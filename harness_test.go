@@ -199,7 +199,7 @@ func currentStore(t *testing.T) keystore.Store {
 	var found keystore.Store
 	n := 0
 	stores.Range(func(_, v any) bool {
-		found = v.(pooledStore).Store
+		found = v.(*pooledStore).Store
 		n++
 		return true
 	})
