@@ -180,7 +180,7 @@ type Handler struct {
 	store        keystore.Store
 	cache        *keystore.CachedStore // the same store, for the guard's lookups
 	storePoolKey string
-	pooled       *pooledStore // the store's pool entry; nil for a stand-in
+	pooled       *pooledStore       // the store's pool entry; nil for a stand-in
 	hasher       *keystore.Hasher   // the current secret's
 	oldHashers   []*keystore.Hasher // PreviousSecrets', to verify only
 	sealers      []cipher.AEAD      // current first; the others open only
