@@ -20,6 +20,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // Period is the length of a quota period, in UTC.
@@ -114,7 +116,8 @@ var ErrUnavailable = errors.New("ratelimit: backend unavailable")
 // Backend keeps the state that instances share and that outlives a
 // process: quota counts, daily counts and, for a shared backend, the rate
 // limit buckets instances lease from. Implementations: NewRedisBackend
-// (shared), NewBoltBackend (one instance, the file store).
+// (shared), NewBoltBackend (one instance, the file store). Only this
+// package implements it.
 type Backend interface {
 	// Shared reports whether other instances use the same state: then
 	// rate limits are leased from it; otherwise they are decided locally.
@@ -122,7 +125,14 @@ type Backend interface {
 	// History returns a subject's daily counts for the days from, to
 	// (inclusive, UTC), oldest first, days without traffic included.
 	History(ctx context.Context, subject string, from, to time.Time) ([]DayCount, error)
-	// The lease and flush calls are the implementation's to define.
+
+	// sync sends one sync interval's leases and counts (see syncItem) and
+	// fills in the replies; now is Unix nanoseconds.
+	sync(ctx context.Context, now int64, items []syncItem, hist []histDelta) error
+	// quotaCount returns the count kept for subject's quota period of kind
+	// p starting at start (Unix ns): the file store's accepted requests,
+	// or the shared counter (accepted requests plus unspent leases).
+	quotaCount(ctx context.Context, subject string, p Period, start int64) (int64, error)
 }
 
 // Options configure a Limiter.
@@ -134,33 +144,16 @@ type Options struct {
 	Now func() time.Time
 	// SyncInterval is how often counts are flushed to the Backend and
 	// leases renewed; default 1s. Quota counts lost in a crash are at most
-	// one interval's.
+	// one interval's. With a shared Backend the loop runs more often when
+	// a rate limit's window is shorter than 10 intervals (every Window/10,
+	// at least every 50ms), so leases are renewed before they lapse.
 	SyncInterval time.Duration
+	// Timeout bounds each call to the Backend: the lease a request makes
+	// when it finds no token, and each sync. Default 250ms. A request
+	// never waits longer than this for the Backend.
+	Timeout time.Duration
+	// Logger receives a warning when a shared Backend becomes unreachable
+	// (the Limiter then decides locally) and a message when it is back;
+	// default: no logging.
+	Logger *zap.Logger
 }
-
-// Limiter decides requests against policies. Its methods are safe for
-// concurrent use.
-type Limiter struct{}
-
-// New returns a Limiter running its sync loop until Close.
-func New(opts Options) (*Limiter, error) { return nil, errors.New("ratelimit: not implemented") }
-
-// Allow decides one request of subject (the key's meter ID: the first key
-// of its rotation chain) under p, and counts it. It never blocks on the
-// Backend at steady state and never allocates on the hit path.
-func (l *Limiter) Allow(subject string, p *Policy) Decision { return Decision{} }
-
-// Usage returns subject's quota use in the current period under p; the
-// zero Usage when p has no quota.
-func (l *Limiter) Usage(ctx context.Context, subject string, p *Policy) (Usage, error) {
-	return Usage{}, nil
-}
-
-// History returns subject's daily counts for the last days days, today
-// (UTC) included, oldest first.
-func (l *Limiter) History(ctx context.Context, subject string, days int) ([]DayCount, error) {
-	return nil, nil
-}
-
-// Close flushes counts to the Backend and stops the sync loop.
-func (l *Limiter) Close() error { return nil }

@@ -1,0 +1,272 @@
+package ratelimit
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// loop runs syncs until Close.
+func (l *Limiter) loop() {
+	defer close(l.done)
+	timer := time.NewTimer(l.nextInterval())
+	defer timer.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-timer.C:
+			_ = l.Sync(false)
+			timer.Reset(l.nextInterval())
+		}
+	}
+}
+
+// nextInterval is SyncInterval, or shorter when a shared lease lapses
+// sooner.
+func (l *Limiter) nextInterval() time.Duration {
+	d := l.interval
+	if h := time.Duration(l.minH.Load()); h > 0 && h < d {
+		d = max(h, minSyncInterval)
+	}
+	return d
+}
+
+// Sync sends what the Limiter has counted since the last sync to the
+// Backend and, with a shared Backend, renews the leases of the subjects
+// seen since (returning the tokens of the others). The sync loop calls it
+// every SyncInterval; final (Close) returns every token. It returns the
+// Backend's error, if any; the counts are then kept for the next sync.
+func (l *Limiter) Sync(final bool) error {
+	l.syncMu.Lock()
+	defer l.syncMu.Unlock()
+	now := l.now().UnixNano()
+	shared := l.shared && !l.degraded.Load()
+	var items []syncItem
+	hist := l.retryHist
+	l.retryHist = nil
+	minH := int64(0)
+	for si := range l.shards {
+		sh := &l.shards[si]
+		sh.mu.Lock()
+		hist = append(hist, sh.spill...)
+		sh.spill = sh.spill[:0]
+		for _, i := range sh.dirty {
+			st := &sh.st[i]
+			st.dirty = false
+			sh.rollDay(i, now)
+			hist = append(hist, histDelta{sh.names[i], st.day, st.accepted, st.limited, st.refused})
+			st.accepted, st.limited, st.refused = 0, 0, 0
+			it, ok := l.buildItem(st, now, shared, final)
+			st.demand = 0
+			if !ok {
+				continue
+			}
+			it.subject, it.shard, it.idx = sh.names[i], int32(si), i
+			items = append(items, it)
+			if h := st.window / 10; it.rate && it.want > 0 && (minH == 0 || h < minH) {
+				minH = h
+			}
+		}
+		sh.dirty = sh.dirty[:0]
+		sh.mu.Unlock()
+	}
+	l.minH.Store(minH)
+	hist = dropEmpty(hist)
+	if len(items) == 0 && len(hist) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), l.syncTimeout(len(items)+len(hist)))
+	err := l.be.sync(ctx, now, items, hist)
+	cancel()
+	l.setDegraded(err)
+	if err != nil {
+		l.retryHist = hist
+	}
+	for k := range items {
+		it := &items[k]
+		sh := &l.shards[it.shard]
+		sh.mu.Lock()
+		st := &sh.st[it.idx]
+		if err != nil {
+			// Nothing was returned or counted: the tokens are still held.
+			st.held += it.ret - it.heldKept
+			st.qHeld += it.qRet - it.qHeldKep
+		} else {
+			if it.rate {
+				st.applyRate(it, it.heldKept, now)
+			}
+			if it.quota && st.qStart == it.qStart {
+				st.applyQuota(it, it.qHeldKep)
+				st.qLocal -= it.qAdd
+			}
+		}
+		if (st.held > 0 || st.qHeld > 0 || st.qLocal > 0) && !final {
+			sh.markDirty(it.idx) // renewed or returned at the next sync
+		}
+		sh.mu.Unlock()
+	}
+	if err != nil {
+		return fmt.Errorf("ratelimit: sync: %w", err)
+	}
+	return nil
+}
+
+// syncTimeout allows a large sync more than one call's timeout.
+func (l *Limiter) syncTimeout(n int) time.Duration {
+	return l.timeout * time.Duration(1+n/5000)
+}
+
+// buildItem fills in st's sync item. With a shared backend, every token
+// held is returned and want granted again in the same script, so no token
+// is held longer than one interval without being charged afresh; the
+// tokens beyond want are surrendered now, the rest (kept) stay spendable
+// during the call. It reports false when there is nothing to send.
+func (l *Limiter) buildItem(st *state, now int64, shared, final bool) (syncItem, bool) {
+	var it syncItem
+	if shared && st.t > 0 && (st.held > 0 || st.demand > 0) {
+		it.rate, it.t, it.b = true, ceilUS(st.t), ceilUS(st.t)*st.limit
+		it.ret = st.held
+		if st.demand > 0 && !final && now >= st.emptyUntil {
+			it.want = clampWant(2*st.demand, st.limit/5)
+		}
+		if st.held > it.want {
+			st.held = it.want
+		}
+		it.heldKept = st.held
+	}
+	if st.quota > 0 && now >= st.qStart && now < st.qEnd {
+		if shared && (st.qHeld > 0 || st.qLocal > 0 || st.demand > 0) {
+			it.quota = true
+			it.qRet = st.qHeld
+			if st.demand > 0 && !final && !st.qEmpty {
+				it.qWant = clampWant(2*st.demand, st.quota/20)
+			}
+			if st.qEmpty && st.demand > 0 && !final {
+				it.qWant = 1 // has anyone returned tokens?
+			}
+			if st.qHeld > it.qWant {
+				st.qHeld = it.qWant
+			}
+			it.qHeldKep = st.qHeld
+			it.qAdd = st.qLocal
+		} else if !shared && st.qLocal > 0 {
+			it.quota = true
+			it.qAdd = st.qLocal
+		}
+		if it.quota {
+			it.period, it.qStart, it.qEnd, it.q = st.period, st.qStart, st.qEnd, st.quota
+		}
+	}
+	return it, it.rate || it.quota
+}
+
+// dropEmpty removes deltas that add nothing.
+func dropEmpty(h []histDelta) []histDelta {
+	out := h[:0]
+	for _, d := range h {
+		if d.accepted|d.limited|d.refused != 0 {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// Close sends the counts to the Backend (returning every leased token)
+// and stops the sync loop. It does not close the Backend's client or file.
+func (l *Limiter) Close() error {
+	l.closeOnce.Do(func() {
+		close(l.stop)
+		<-l.done
+		l.closeErr = l.Sync(true)
+	})
+	return l.closeErr
+}
+
+// Usage returns subject's quota use in the current period under p; the
+// zero Usage when p has no quota. With a shared backend Used is the
+// shared count, which includes the tokens other instances have leased and
+// not yet spent (at most their demand of one sync interval).
+func (l *Limiter) Usage(ctx context.Context, subject string, p *Policy) (Usage, error) {
+	if p == nil || p.Quota <= 0 || p.Period == NoPeriod {
+		return Usage{}, nil
+	}
+	now := l.now().UnixNano()
+	start, end := periodBounds(p.Period, now)
+	u := Usage{Limit: p.Quota, Period: p.Period, ResetsAt: time.Unix(0, end).UTC()}
+	var held, local int64
+	known := false
+	sh, h := l.shardOf(subject)
+	sh.mu.Lock()
+	if i, ok := sh.find(h); ok {
+		st := &sh.st[i]
+		if st.period == p.Period && st.qStart == start {
+			held, local = st.qHeld, st.qLocal
+			if st.qLoaded && (!l.shared || l.degraded.Load()) {
+				u.Used, known = st.quotaUsed(), true
+			}
+		}
+	}
+	sh.mu.Unlock()
+	if known {
+		return u, nil
+	}
+	n, err := l.be.quotaCount(ctx, subject, p.Period, start)
+	if err != nil {
+		return Usage{}, err
+	}
+	u.Used = n - held + local
+	return u, nil
+}
+
+// History returns subject's daily counts for the last days days (1 to 90),
+// today (UTC) included, oldest first, with the counts not yet synced.
+func (l *Limiter) History(ctx context.Context, subject string, days int) ([]DayCount, error) {
+	if days < 1 || days > HistoryDays {
+		return nil, fmt.Errorf("ratelimit: history covers 1 to %d days, not %d", HistoryDays, days)
+	}
+	now := l.now().UnixNano()
+	today := dayOf(now)
+	first := today - int32(days) + 1
+	out, err := l.be.History(ctx, subject, dayTime(first), dayTime(today))
+	if err != nil {
+		return nil, err
+	}
+	add := func(d histDelta) {
+		if d.subject != subject || d.day < first || d.day > today {
+			return
+		}
+		c := &out[d.day-first]
+		c.Accepted += d.accepted
+		c.RateLimited += d.limited
+		c.QuotaExceeded += d.refused
+	}
+	sh, h := l.shardOf(subject)
+	sh.mu.Lock()
+	for _, d := range sh.spill {
+		add(d)
+	}
+	if i, ok := sh.find(h); ok {
+		st := &sh.st[i]
+		add(histDelta{subject, st.day, st.accepted, st.limited, st.refused})
+	}
+	sh.mu.Unlock()
+	l.syncMu.Lock()
+	for _, d := range l.retryHist {
+		add(d)
+	}
+	l.syncMu.Unlock()
+	return out, nil
+}
+
+// emptyHistory returns a DayCount per day from first to last.
+func emptyHistory(first, last int32) []DayCount {
+	if last < first {
+		return nil
+	}
+	out := make([]DayCount, last-first+1)
+	for k := range out {
+		out[k].Day = dayTime(first + int32(k))
+	}
+	return out
+}
