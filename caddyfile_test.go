@@ -89,7 +89,7 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"rate_limit requests", "plan free {\n rate_limit ten 1m\n}", `plan free: rate_limit requests: "ten" is not a positive whole number`},
 		{"rate_limit zero", "plan free {\n rate_limit 0 1m\n}", "rate_limit requests"},
 		{"rate_limit window", "plan free {\n rate_limit 10 soon\n}", `plan free: rate_limit window: "soon"`},
-		{"rate_limit short window", "plan free {\n rate_limit 10 500ms\n}", "at least 1s"},
+		{"rate_limit short window", "plan free {\n rate_limit 10 500ms\n}", "not a duration from 1s to 24h"},
 		{"rate_limit twice", "plan free {\n rate_limit 10 1m\n rate_limit 10 1m\n}", "rate_limit may be given only once"},
 		{"quota period", "plan free {\n quota 10 week\n}", `plan free: quota period must be day or month, got "week"`},
 		{"quota requests", "plan free {\n quota -1 day\n}", "plan free: quota requests"},

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 	"github.com/caddy-apikeys/caddy-apikeys/ratelimit"
 )
@@ -26,7 +28,7 @@ type limiterSlot struct {
 
 // get returns the slot's limiter, creating it on the store's database
 // (the Redis client and namespace, or the bbolt file) with clock now.
-func (s *limiterSlot) get(store keystore.Store, now func() time.Time) (*ratelimit.Limiter, error) {
+func (s *limiterSlot) get(store keystore.Store, now func() time.Time, logger *zap.Logger) (*ratelimit.Limiter, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.lim != nil {
@@ -36,7 +38,7 @@ func (s *limiterSlot) get(store keystore.Store, now func() time.Time) (*ratelimi
 	if err != nil {
 		return nil, err
 	}
-	lim, err := ratelimit.New(ratelimit.Options{Backend: backend, Now: now})
+	lim, err := ratelimit.New(ratelimit.Options{Backend: backend, Now: now, Logger: logger})
 	if err != nil {
 		return nil, fmt.Errorf("apikeys: rate limiter: %w", err)
 	}
@@ -66,12 +68,17 @@ func limiterBackend(store keystore.Store) (ratelimit.Backend, error) {
 	if c, ok := store.(*keystore.CachedStore); ok {
 		store = c.Inner()
 	}
-	switch store.(type) {
-	case *keystore.RedisStore, *keystore.BoltStore:
+	switch s := store.(type) {
+	case *keystore.BoltStore:
+		b, err := ratelimit.NewBoltBackend(s.DB())
+		if err != nil {
+			return nil, fmt.Errorf("apikeys: rate limiter: %w", err)
+		}
+		return b, nil
+	case *keystore.RedisStore:
 		// TODO(issue 11): ratelimit.NewRedisBackend(s.Client(),
-		// s.Namespace(), …) and ratelimit.NewBoltBackend(s.DB()) once
-		// the limiter branch lands.
-		return nil, fmt.Errorf("%w: the limiter's backends are not merged yet", errNoLimiterBackend)
+		// s.Namespace(), …) once the limiter branch has it.
+		return nil, fmt.Errorf("%w: the limiter's Redis backend is not merged yet", errNoLimiterBackend)
 	}
 	return nil, fmt.Errorf("%w (%T)", errNoLimiterBackend, store)
 }

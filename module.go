@@ -351,7 +351,7 @@ func (h *Handler) provision(ctx caddy.Context, events *caddyevents.App) error {
 	if h.limited && h.pooled != nil {
 		// One limiter per store, shared across reloads (see limiter.go).
 		var err error
-		if h.limiter, err = h.pooled.lim.get(h.store, h.now); err != nil {
+		if h.limiter, err = h.pooled.lim.get(h.store, h.now, h.logger.Named("ratelimit")); err != nil {
 			return err
 		}
 	}

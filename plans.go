@@ -5,6 +5,7 @@ package apikeys
 // rate-limit-headers draft), and the plan checks of the management API.
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -15,8 +16,11 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
+	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 	"github.com/caddy-apikeys/caddy-apikeys/ratelimit"
 )
 
@@ -110,6 +114,9 @@ func (h *Handler) compilePlans() error {
 				return fmt.Errorf("apikeys: plan %q: quota period must be day or month, got %q", p.Name, q.Period)
 			}
 			cp.policy.Quota = q.Requests
+		}
+		if err := cp.policy.Validate(); err != nil {
+			return fmt.Errorf("apikeys: %s", strings.TrimPrefix(err.Error(), "ratelimit: "))
 		}
 		cp.limited = len(fields) > 0
 		cp.policyField = strings.Join(fields, ", ")
@@ -298,8 +305,8 @@ func (h *Handler) unmarshalPlan(d *caddyfile.Dispenser) error {
 				return d.Errf("plan %s: rate_limit requests: %q is not a positive whole number", p.Name, args[0])
 			}
 			win, err := caddy.ParseDuration(args[1])
-			if err != nil || win < time.Second {
-				return d.Errf("plan %s: rate_limit window: %q is not a duration of at least 1s (like 1m)", p.Name, args[1])
+			if err != nil || win < time.Second || win > ratelimit.MaxWindow {
+				return d.Errf("plan %s: rate_limit window: %q is not a duration from 1s to %s (like 1m)", p.Name, args[1], ratelimit.MaxWindow)
 			}
 			p.RateLimit = &RateLimit{Requests: n, Window: caddy.Duration(win)}
 		case "quota":
@@ -324,4 +331,102 @@ func (h *Handler) unmarshalPlan(d *caddyfile.Dispenser) error {
 	}
 	h.Plans = append(h.Plans, p)
 	return nil
+}
+
+// usageView is a key's quota use in the current period, as key views show
+// it.
+type usageView struct {
+	Used     int64   `json:"used"`
+	Limit    int64   `json:"limit"`
+	Period   string  `json:"period"` // "day" or "month"
+	ResetsAt apiTime `json:"resets_at"`
+}
+
+// keyView is newKeyView with the key's quota use, where its plan has a
+// quota. A limiter that cannot answer (Redis unreachable) leaves usage
+// out rather than failing the request.
+func (h *Handler) keyView(ctx context.Context, k *keystore.Key, now time.Time) keyView {
+	v := newKeyView(k, now)
+	v.Usage = h.usageOf(ctx, k)
+	return v
+}
+
+// usageOf returns k's quota use, or nil when no quota applies to it.
+func (h *Handler) usageOf(ctx context.Context, k *keystore.Key) *usageView {
+	p := h.planFor(k.Plan)
+	if p == nil || p.policy.Quota == 0 || h.limiter == nil {
+		return nil
+	}
+	u, err := h.limiter.Usage(ctx, k.MeterID(), &p.policy)
+	if err != nil {
+		if c := h.logger.Check(zapcore.WarnLevel, "reading a key's quota use failed"); c != nil {
+			c.Write(zap.String("key_id", k.ID), zap.Error(err))
+		}
+		return nil
+	}
+	return &usageView{Used: u.Used, Limit: u.Limit, Period: u.Period.String(), ResetsAt: apiTime{u.ResetsAt.UTC()}}
+}
+
+// Bounds of the usage endpoint's `days`.
+const (
+	DefaultUsageDays = 30
+	maxUsageDays     = ratelimit.HistoryDays
+)
+
+// usageResponse is the `data` of GET /v1/apikeys/{id}/usage.
+type usageResponse struct {
+	KeyID string     `json:"key_id"`
+	Plan  string     `json:"plan,omitempty"`
+	Usage *usageView `json:"usage,omitempty"`
+	Days  []dayView  `json:"days"`
+}
+
+// dayView is one UTC day of a key's traffic.
+type dayView struct {
+	Date          string `json:"date"` // YYYY-MM-DD, UTC
+	Accepted      int64  `json:"accepted"`
+	RateLimited   int64  `json:"rate_limited"`
+	QuotaExceeded int64  `json:"quota_exceeded"`
+}
+
+// serveUsage answers GET /v1/apikeys/{id}/usage?days=N (1 to 90, default
+// 30): the key's daily counts of accepted, rate-limited and quota-refused
+// requests, oldest first, today (UTC) last, days without traffic
+// included. Counts are kept per meter, so they cover the key's rotation
+// chain, and only while its plan limits something.
+func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims, id string) error {
+	days := DefaultUsageDays
+	if s := r.URL.Query().Get("days"); s != "" || r.URL.Query().Has("days") {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > maxUsageDays {
+			return writeError(w, validationError("days", fmt.Sprintf("`days` must be a whole number from 1 to %d.", maxUsageDays)))
+		}
+		days = n
+	}
+	ctx, cancel := h.storeCtx(r)
+	defer cancel()
+	k, aerr := h.ownedKey(ctx, claims.Owner, id)
+	if aerr != nil {
+		return writeError(w, aerr)
+	}
+	resp := usageResponse{KeyID: k.ID, Plan: k.Plan, Usage: h.usageOf(ctx, k), Days: make([]dayView, 0, days)}
+	var hist []ratelimit.DayCount
+	if h.limiter != nil {
+		var err error
+		if hist, err = h.limiter.History(ctx, k.MeterID(), days); err != nil {
+			h.logger.Error("reading a key's daily counts failed", zap.String("key_id", k.ID), zap.Error(err))
+			return writeError(w, errStoreUnavailable)
+		}
+	} else {
+		// Nothing is metered on this server: every day is empty.
+		today := h.now().UTC().Truncate(24 * time.Hour)
+		for i := days - 1; i >= 0; i-- {
+			hist = append(hist, ratelimit.DayCount{Day: today.AddDate(0, 0, -i)})
+		}
+	}
+	for _, d := range hist {
+		resp.Days = append(resp.Days, dayView{Date: d.Day.UTC().Format(time.DateOnly),
+			Accepted: d.Accepted, RateLimited: d.RateLimited, QuotaExceeded: d.QuotaExceeded})
+	}
+	return writeData(w, http.StatusOK, resp)
 }
