@@ -204,9 +204,13 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		repl.Set("http.auth.user.id", key.OwnerValue())
 		repl.Set("http.auth.apikey.id", key.IDValue())
 		repl.Set("http.auth.apikey.scopes", key.ScopesValue())
+		// Set for every key ("" without a plan), so that a config using
+		// it never forwards the placeholder's own text.
+		planValue := noPlan
 		if plan != "" {
-			repl.Set("http.auth.apikey.plan", key.PlanValue())
+			planValue = key.PlanValue()
 		}
+		repl.Set("http.auth.apikey.plan", planValue)
 		if meta != "" {
 			repl.Set("http.auth.apikey.meta", key.MetaValue())
 			for _, v := range key.MetaVars() {
@@ -226,6 +230,10 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	}
 	return h.serveWithBody(w, r, next)
 }
+
+// noPlan is the plan placeholder's value for a key without a plan, boxed
+// once.
+var noPlan any = ""
 
 // serveWithBody passes on a request that has a body, watching the body for
 // what only its end reveals (see bodyWatch).
