@@ -401,4 +401,3 @@ func TestPlanReload(t *testing.T) {
 		})
 	}
 }
-
