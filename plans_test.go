@@ -3,14 +3,20 @@ package apikeys
 import (
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
+	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
 )
 
 // counterValue reads a counter.
@@ -397,6 +403,113 @@ func TestPlanReload(t *testing.T) {
 			r := g.do(request{method: "GET", path: "/v1/x", bearer: k.Key})
 			if p := r.header.Get("RateLimit-Policy"); p != `"quota";q=5;w=86400` {
 				t.Errorf("RateLimit-Policy after the reload: %q", p)
+			}
+		})
+	}
+}
+
+// startInstanceWith is startInstance with extra apikeys subdirectives.
+func startInstanceWith(t *testing.T, redisURL, extra string) *instance {
+	t.Helper()
+	in := &instance{port: testcaddy.FreePort(t), adminPort: testcaddy.FreePort(t)}
+	in.base = fmt.Sprintf("http://127.0.0.1:%d", in.port)
+	in.Process = testcaddy.Start(t, instanceCaddyfile(in.port, in.adminPort, redisURL, extra),
+		[]string{fmt.Sprintf("127.0.0.1:%d", in.port)})
+	return in
+}
+
+// TestPlansSeveralInstances runs three Caddy processes on one Redis
+// (standalone and Cluster): a plan change made through one instance
+// applies on the next request on another, and the three instances,
+// hammered at once, admit no more than the limit's GCRA allowance times
+// 1.1 plus one per instance.
+func TestPlansSeveralInstances(t *testing.T) {
+	if !redisLimiterReady {
+		t.Skip("the limiter's Redis backend is not wired in yet (see limiterBackend)")
+	}
+	const plans = testPlans + `
+		plan hammer {
+			rate_limit 100 2s
+		}`
+	for _, kind := range []string{"redis", "cluster"} {
+		t.Run(kind, func(t *testing.T) {
+			var url string
+			if kind == "redis" {
+				url = testredis.Start(t).URL()
+			} else {
+				url = strings.Join(testredis.StartCluster(t).URLs(), " ")
+			}
+			ins := []*instance{startInstanceWith(t, url, plans), startInstanceWith(t, url, plans), startInstanceWith(t, url, plans)}
+			c := &http.Client{Timeout: 10 * time.Second}
+			alice := dashboardToken(t, "alice")
+			mint := func(plan string) createdKey {
+				st, body := call(t, c, "POST", ins[0].base+"/v1/apikeys", alice, fmt.Sprintf(`{"name":"p","plan":%q}`, plan), nil)
+				if st != 201 {
+					t.Fatalf("create: %d %s", st, body)
+				}
+				return keyOf(t, body)
+			}
+
+			// A plan change through instance 0 applies on instance 1.
+			k := mint("burst")
+			refused := false
+			for range 20 {
+				if st, _ := call(t, c, "GET", ins[1].base+"/v1/x", k.Key, "", nil); st == 429 {
+					refused = true
+					break
+				}
+			}
+			if !refused {
+				t.Fatal("burst never refused on instance 1")
+			}
+			if st, body := call(t, c, "PATCH", ins[0].base+"/v1/apikeys/"+k.KeyID, alice, `{"plan":"free"}`, nil); st != 200 {
+				t.Fatalf("patch: %d %s", st, body)
+			}
+			ok := false
+			for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+				if st, _ := call(t, c, "GET", ins[1].base+"/v1/x", k.Key, "", nil); st == 200 {
+					ok = true
+					break
+				}
+			}
+			if !ok {
+				t.Error("the plan change made on instance 0 did not apply on instance 1 within 1s")
+			}
+
+			// Hammer one key from every instance for 3 windows.
+			for _, n := range []int{2, 3} {
+				h := mint("hammer")
+				const limit, window, windows = 100, 2 * time.Second, 3
+				var admitted, total atomic.Int64
+				start := time.Now()
+				var wg sync.WaitGroup
+				for i := range n * 4 {
+					wg.Add(1)
+					go func(in *instance) {
+						defer wg.Done()
+						hc := &http.Client{Timeout: 5 * time.Second}
+						for time.Since(start) < windows*window {
+							st, _ := call(t, hc, "GET", in.base+"/v1/x", h.Key, "", nil)
+							total.Add(1)
+							if st == 200 {
+								admitted.Add(1)
+							}
+						}
+					}(ins[i%n])
+				}
+				wg.Wait()
+				elapsed := time.Since(start)
+				// GCRA allows a burst of limit, then limit per window.
+				allowance := float64(limit) + float64(limit)*elapsed.Seconds()/window.Seconds()
+				bound := allowance*1.1 + float64(n)
+				t.Logf("%s, %d instances: %d admitted of %d in %s (GCRA allowance %.0f, bound %.0f)",
+					kind, n, admitted.Load(), total.Load(), elapsed.Round(time.Millisecond), allowance, bound)
+				if float64(admitted.Load()) > bound {
+					t.Errorf("%d instances admitted %d, over the bound %.0f", n, admitted.Load(), bound)
+				}
+				if float64(admitted.Load()) < allowance*0.8 {
+					t.Errorf("%d instances admitted %d, far under the allowance %.0f", n, admitted.Load(), allowance)
+				}
 			}
 		})
 	}
