@@ -23,6 +23,13 @@ const (
 // bucket's state in a hash of the UTC day, read on the day after too.
 const MaxWindow = 24 * time.Hour
 
+// histEvery is how many syncs apart a shared backend gets daily counts.
+const histEvery = 10
+
+// quotaLease is how long quota tokens leased for a subject with no rate
+// limit are kept while the subject is idle.
+const quotaLease = 10 * time.Second
+
 // minSyncInterval bounds how often the sync loop runs for short windows.
 const minSyncInterval = 50 * time.Millisecond
 
@@ -93,7 +100,7 @@ type state struct {
 // shard is a locked part of the subject table.
 type shard struct {
 	mu    sync.Mutex
-	cond  sync.Cond // signalled when a lease completes
+	cond  sync.Cond        // signalled when a lease completes
 	idx   map[uint64]int32 // subject's 64-bit hash (maphash, random seed) -> index in st
 	st    []state
 	names []string
@@ -153,6 +160,7 @@ type Limiter struct {
 	minH     atomic.Int64 // shortest lease lifetime seen, ns (shared)
 
 	syncMu    sync.Mutex  // one sync at a time
+	syncs     int64       // syncs run
 	retryHist []histDelta // daily counts a failed sync did not send
 
 	stop      chan struct{}
@@ -162,7 +170,11 @@ type Limiter struct {
 }
 
 // New returns a Limiter running its sync loop until Close.
-func New(opts Options) (*Limiter, error) {
+func New(opts Options) (*Limiter, error) { return newLimiterLoop(opts, true) }
+
+// newLimiterLoop is New; without loop, Sync runs only when called (tests
+// that step a clock).
+func newLimiterLoop(opts Options, loop bool) (*Limiter, error) {
 	if opts.Backend == nil {
 		return nil, errors.New("ratelimit: Options.Backend is required")
 	}
@@ -194,7 +206,11 @@ func New(opts Options) (*Limiter, error) {
 		sh.idx = make(map[uint64]int32)
 		sh.cond.L = &sh.mu
 	}
-	go l.loop()
+	if loop {
+		go l.loop()
+	} else {
+		close(l.done)
+	}
 	return l, nil
 }
 
@@ -502,10 +518,10 @@ func (l *Limiter) lease(sh *shard, i int32, now int64, needRate, needQuota bool)
 	l.setDegraded(nil)
 	r := &items[0]
 	if r.rate {
-		st.applyRate(r, 0, now)
+		st.applyRate(r, 0, now, int64(l.nextInterval()))
 	}
 	if r.quota && st.qStart == r.qStart {
-		st.applyQuota(r, 0)
+		st.applyQuota(r, 0, now)
 		st.qLocal -= r.qAdd
 	}
 	return true
@@ -514,29 +530,39 @@ func (l *Limiter) lease(sh *shard, i int32, now int64, needRate, needQuota bool)
 // applyRate takes a lease reply: kept is the number of tokens the
 // instance kept spendable while the call was in flight (returned in the
 // call and granted again).
-func (st *state) applyRate(r *syncItem, kept, now int64) {
+func (st *state) applyRate(r *syncItem, kept, now, interval int64) {
 	st.held += r.grant - kept
 	if st.held < 0 {
 		st.held = 0
 	}
 	st.sharedTAT = r.tatUS * 1000
+	if r.want == 0 {
+		return // a return only: what is known of the bucket stands
+	}
 	st.leaseEnd = now + st.window/10
 	if r.grant < r.want {
+		// The bucket is empty: ask again when it holds a few tokens, and
+		// not before the next sync, which asks for this subject anyway;
+		// so a subject hammered above its limit costs no call of its
+		// own.
 		chunk := min(max(st.limit/20, 1), r.want)
-		st.emptyUntil = st.sharedTAT + chunk*st.t - st.b
+		st.emptyUntil = max(st.sharedTAT+chunk*st.t-st.b, now+interval)
 	} else {
 		st.emptyUntil = 0
 	}
 }
 
 // applyQuota takes a quota lease reply.
-func (st *state) applyQuota(r *syncItem, kept int64) {
+func (st *state) applyQuota(r *syncItem, kept, now int64) {
 	st.qHeld += r.qGrant - kept
 	if st.qHeld < 0 {
 		st.qHeld = 0
 	}
 	st.qBase = r.count
 	st.qLoaded = true
+	if st.t == 0 && r.qWant > 0 {
+		st.leaseEnd = now + int64(quotaLease)
+	}
 	st.qEmpty = r.qGrant < r.qWant && r.count >= st.quota
 }
 

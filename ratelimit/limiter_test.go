@@ -53,11 +53,11 @@ func newBoltLimiter(t testing.TB, c *clock) (*Limiter, *BoltBackend) {
 
 func newLimiter(t testing.TB, be Backend, c *clock) *Limiter {
 	t.Helper()
-	opts := Options{Backend: be, SyncInterval: time.Hour}
+	opts := Options{Backend: be}
 	if c != nil {
 		opts.Now = c.Now
 	}
-	l, err := New(opts)
+	l, err := newLimiterLoop(opts, false) // the tests call Sync
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -323,7 +323,7 @@ func TestBoltRestart(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		l, err := New(Options{Backend: be, Now: c.Now, SyncInterval: time.Hour})
+		l, err := newLimiterLoop(Options{Backend: be, Now: c.Now}, false)
 		if err != nil {
 			t.Fatal(err)
 		}

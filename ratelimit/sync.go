@@ -42,33 +42,49 @@ func (l *Limiter) Sync(final bool) error {
 	defer l.syncMu.Unlock()
 	now := l.now().UnixNano()
 	shared := l.shared && !l.degraded.Load()
+	// A shared backend gets daily counts every histEvery syncs: they are
+	// reports, and two fewer commands per script call matter more.
+	l.syncs++
+	flushHist := !l.shared || final || l.syncs%histEvery == 0
 	var items []syncItem
-	hist := l.retryHist
-	l.retryHist = nil
+	var hist []histDelta
+	if flushHist {
+		hist, l.retryHist = l.retryHist, nil
+	}
 	minH := int64(0)
 	for si := range l.shards {
 		sh := &l.shards[si]
 		sh.mu.Lock()
-		hist = append(hist, sh.spill...)
-		sh.spill = sh.spill[:0]
+		if flushHist {
+			hist = append(hist, sh.spill...)
+			sh.spill = sh.spill[:0]
+		}
+		keep := sh.dirty[:0] // filtered in place
 		for _, i := range sh.dirty {
 			st := &sh.st[i]
-			st.dirty = false
 			sh.rollDay(i, now)
-			hist = append(hist, histDelta{sh.names[i], st.day, st.accepted, st.limited, st.refused})
-			st.accepted, st.limited, st.refused = 0, 0, 0
+			if flushHist {
+				hist = append(hist, histDelta{sh.names[i], st.day, st.accepted, st.limited, st.refused})
+				st.accepted, st.limited, st.refused = 0, 0, 0
+			}
 			it, ok := l.buildItem(st, now, shared, final)
 			st.demand = 0
 			if !ok {
+				if st.held > 0 || st.qHeld > 0 || st.qLocal > 0 || st.accepted|st.limited|st.refused != 0 {
+					keep = append(keep, i) // leases kept or counts pending: looked at again next time
+				} else {
+					st.dirty = false
+				}
 				continue
 			}
+			st.dirty = false
 			it.subject, it.shard, it.idx = sh.names[i], int32(si), i
 			items = append(items, it)
 			if h := st.window / 10; it.rate && it.want > 0 && (minH == 0 || h < minH) {
 				minH = h
 			}
 		}
-		sh.dirty = sh.dirty[:0]
+		sh.dirty = keep
 		sh.mu.Unlock()
 	}
 	l.minH.Store(minH)
@@ -94,14 +110,14 @@ func (l *Limiter) Sync(final bool) error {
 			st.qHeld += it.qRet - it.qHeldKep
 		} else {
 			if it.rate {
-				st.applyRate(it, it.heldKept, now)
+				st.applyRate(it, it.heldKept, now, int64(l.nextInterval()))
 			}
 			if it.quota && st.qStart == it.qStart {
-				st.applyQuota(it, it.qHeldKep)
+				st.applyQuota(it, it.qHeldKep, now)
 				st.qLocal -= it.qAdd
 			}
 		}
-		if (st.held > 0 || st.qHeld > 0 || st.qLocal > 0) && !final {
+		if st.held > 0 || st.qHeld > 0 || st.qLocal > 0 || st.accepted|st.limited|st.refused != 0 {
 			sh.markDirty(it.idx) // renewed or returned at the next sync
 		}
 		sh.mu.Unlock()
@@ -124,10 +140,15 @@ func (l *Limiter) syncTimeout(n int) time.Duration {
 // during the call. It reports false when there is nothing to send.
 func (l *Limiter) buildItem(st *state, now int64, shared, final bool) (syncItem, bool) {
 	var it syncItem
-	if shared && st.t > 0 && (st.held > 0 || st.demand > 0) {
+	// A subject seen in the interval renews its leases; one not seen
+	// keeps them until they would lapse before the next sync, then
+	// returns them.
+	active := st.demand > 0 && !final
+	renew := active || final || st.leaseEnd-now <= int64(l.interval)
+	if shared && st.t > 0 && renew && (st.held > 0 || active) {
 		it.rate, it.t, it.b = true, ceilUS(st.t), ceilUS(st.t)*st.limit
 		it.ret = st.held
-		if st.demand > 0 && !final && now >= st.emptyUntil {
+		if active {
 			it.want = clampWant(2*st.demand, st.limit/5)
 		}
 		if st.held > it.want {
@@ -136,14 +157,16 @@ func (l *Limiter) buildItem(st *state, now int64, shared, final bool) (syncItem,
 		it.heldKept = st.held
 	}
 	if st.quota > 0 && now >= st.qStart && now < st.qEnd {
-		if shared && (st.qHeld > 0 || st.qLocal > 0 || st.demand > 0) {
+		if shared && (renew && (st.qHeld > 0 || active) || st.qLocal > 0) {
 			it.quota = true
 			it.qRet = st.qHeld
-			if st.demand > 0 && !final && !st.qEmpty {
-				it.qWant = clampWant(2*st.demand, st.quota/20)
-			}
-			if st.qEmpty && st.demand > 0 && !final {
+			switch {
+			case !renew:
+				it.qWant = st.qHeld // only qLocal to send
+			case active && st.qEmpty:
 				it.qWant = 1 // has anyone returned tokens?
+			case active:
+				it.qWant = clampWant(2*st.demand, st.quota/20)
 			}
 			if st.qHeld > it.qWant {
 				st.qHeld = it.qWant
