@@ -76,9 +76,8 @@ func limiterBackend(store keystore.Store) (ratelimit.Backend, error) {
 		}
 		return b, nil
 	case *keystore.RedisStore:
-		// TODO(issue 11): ratelimit.NewRedisBackend(s.Client(),
-		// s.Namespace(), …) once the limiter branch has it.
-		return nil, fmt.Errorf("%w: the limiter's Redis backend is not merged yet", errNoLimiterBackend)
+		// Keys under the store's namespace (`<ns>:rl:…`), on its client.
+		return ratelimit.NewRedisBackend(s.Client(), s.Namespace()), nil
 	}
 	return nil, fmt.Errorf("%w (%T)", errNoLimiterBackend, store)
 }
