@@ -204,13 +204,14 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		repl.Set("http.auth.user.id", key.OwnerValue())
 		repl.Set("http.auth.apikey.id", key.IDValue())
 		repl.Set("http.auth.apikey.scopes", key.ScopesValue())
-		// Set for every key ("" without a plan), so that a config using
-		// it never forwards the placeholder's own text.
-		planValue := noPlan
+		// Where plans are configured, set for every key ("" without a
+		// plan), so that a config using it never forwards the
+		// placeholder's own text.
 		if plan != "" {
-			planValue = key.PlanValue()
+			repl.Set("http.auth.apikey.plan", key.PlanValue())
+		} else if h.plans != nil {
+			repl.Set("http.auth.apikey.plan", noPlan)
 		}
-		repl.Set("http.auth.apikey.plan", planValue)
 		if meta != "" {
 			repl.Set("http.auth.apikey.meta", key.MetaValue())
 			for _, v := range key.MetaVars() {
