@@ -90,7 +90,7 @@ func serveBackup(w http.ResponseWriter, r *http.Request) error {
 	// With the length announced, a copy cut short is an error for the
 	// client, never a shorter file.
 	size := func(n int64) { w.Header().Set("Content-Length", strconv.FormatInt(n, 10)) }
-	if _, err := v.(pooledStore).Store.(*keystore.CachedStore).Snapshot(w, size); err != nil {
+	if _, err := v.(*pooledStore).Store.(*keystore.CachedStore).Snapshot(w, size); err != nil {
 		// The status is sent; the client sees a short body.
 		caddy.Log().Named("admin.api.apikeys").Error("snapshot of the key store failed midway")
 		return nil

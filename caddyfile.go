@@ -51,6 +51,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			owner_claim <claim>
 //			leeway <duration>
 //			scopes_claim <claim>
+//			plans_claim <claim>
 //			max_token_age <duration>
 //			typ <type>...
 //		}
@@ -70,6 +71,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			owner <header>
 //			scopes <header>
 //			meta <header>
+//			plan <header>
 //		}
 //		cache off
 //		cache {
@@ -80,6 +82,11 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			pubsub off
 //		}
 //		key_header <header>
+//		plan <name> {
+//			rate_limit <requests> <window>
+//			quota <requests> day|month
+//		}
+//		default_plan <name>
 //		secret_scanning [<public_keys>] {
 //			public_keys <url|file>
 //			action revoke|report
@@ -218,9 +225,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := h.unmarshalSecretScanning(d); err != nil {
 				return err
 			}
+		case "plan":
+			if err := h.unmarshalPlan(d); err != nil {
+				return err
+			}
+		case "default_plan":
+			if h.DefaultPlan != "" {
+				return d.Err("default_plan may be given only once")
+			}
+			if err := singleArg(d, &h.DefaultPlan); err != nil {
+				return err
+			}
 		default:
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}
+	}
+	if h.DefaultPlan != "" && !slices.ContainsFunc(h.Plans, func(p Plan) bool { return p.Name == h.DefaultPlan }) {
+		return d.Errf("default_plan %q names no plan of this apikeys block (plans: %s)", h.DefaultPlan, h.planNames())
 	}
 	return nil
 }
@@ -377,6 +398,8 @@ func (c *DashboardJWT) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = durationArg(d, &c.Leeway)
 		case "scopes_claim":
 			err = singleArg(d, &c.ScopesClaim)
+		case "plans_claim":
+			err = singleArg(d, &c.PlansClaim)
 		case "max_token_age":
 			err = durationArg(d, &c.MaxTokenAge)
 		case "typ":
@@ -415,6 +438,8 @@ func (h *Handler) unmarshalIdentityHeaders(d *caddyfile.Dispenser) error {
 			err = singleArg(d, &h.IdentityHeaders.Scopes)
 		case "meta":
 			err = singleArg(d, &h.IdentityHeaders.Meta)
+		case "plan":
+			err = singleArg(d, &h.IdentityHeaders.Plan)
 		default:
 			err = d.Errf("unrecognized identity_headers option %q", d.Val())
 		}

@@ -1,11 +1,13 @@
 package apikeys
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddytest"
 )
@@ -79,6 +81,22 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"cache size zero", "cache {\n size 0\n}", "not a positive whole number"},
 		{"cache ttl", "cache {\n ttl soon\n}", "ttl"},
 		{"cache pubsub", "cache {\n pubsub on\n}", "want off"},
+		{"plan without name", "plan", "plan needs a name"},
+		{"plan bad name", "plan fr€e", "not a valid plan name"},
+		{"plan twice", "plan free\nplan free", `plan "free" is defined twice`},
+		{"plan option", "plan free {\n burst 3\n}", `unrecognized plan option "burst"`},
+		{"rate_limit args", "plan free {\n rate_limit 10\n}", "plan free: rate_limit takes <requests> <window>"},
+		{"rate_limit requests", "plan free {\n rate_limit ten 1m\n}", `plan free: rate_limit requests: "ten" is not a positive whole number`},
+		{"rate_limit zero", "plan free {\n rate_limit 0 1m\n}", "rate_limit requests"},
+		{"rate_limit window", "plan free {\n rate_limit 10 soon\n}", `plan free: rate_limit window: "soon"`},
+		{"rate_limit short window", "plan free {\n rate_limit 10 500ms\n}", "not a duration from 1s to 24h"},
+		{"rate_limit twice", "plan free {\n rate_limit 10 1m\n rate_limit 10 1m\n}", "rate_limit may be given only once"},
+		{"quota period", "plan free {\n quota 10 week\n}", `plan free: quota period must be day or month, got "week"`},
+		{"quota requests", "plan free {\n quota -1 day\n}", "plan free: quota requests"},
+		{"quota twice", "plan free {\n quota 1 day\n quota 1 day\n}", "quota may be given only once"},
+		{"default_plan unknown", "plan free\ndefault_plan pro", `default_plan "pro" names no plan of this apikeys block (plans: free)`},
+		{"default_plan twice", "plan free\ndefault_plan free\ndefault_plan free", "default_plan may be given only once"},
+		{"plans_claim args", "dashboard_jwt {\n secret {env.A}\n plans_claim\n}", "wrong argument count"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -114,6 +132,33 @@ func TestProvisionErrors(t *testing.T) {
 		{"short jwt secret", "store file " + dir + "/g.db\ndashboard_jwt {\n secret {env.SHORT_SECRET}\n}", "dashboard_jwt"},
 		{"cache refresh not below ttl", "store file " + dir + "/h.db\ncache {\n ttl 2s\n refresh 2s\n}", "must be less than ttl"},
 		{"cache negative window", "store file " + dir + "/i.db\ncache {\n outage_window -1s\n}", "must not be negative"},
+	}
+	// Plans in JSON configs, which skip the Caddyfile's checks.
+	plans := []struct {
+		name, plans, defaultPlan, want string
+	}{
+		{"plan bad name", `[{"name":"a b"}]`, "", `plan 1: "a b" is not a valid plan name`},
+		{"plan twice", `[{"name":"a"},{"name":"a"}]`, "", `plan "a" is defined twice`},
+		{"plan zero requests", `[{"name":"a","rate_limit":{"requests":0,"window":1000000000}}]`, "", `plan "a": rate_limit requests must be at least 1`},
+		{"plan short window", `[{"name":"a","rate_limit":{"requests":5,"window":1000}}]`, "", `plan "a": rate_limit window must be at least 1s`},
+		{"plan quota zero", `[{"name":"a","quota":{"requests":0,"period":"day"}}]`, "", `plan "a": quota requests must be at least 1`},
+		{"plan quota period", `[{"name":"a","quota":{"requests":5,"period":"year"}}]`, "", `plan "a": quota period must be day or month, got "year"`},
+		{"default plan unknown", `[{"name":"a"}]`, "b", `default_plan "b" is not a configured plan (have a)`},
+		{"default plan without plans", `[]`, "b", `default_plan "b" is not a configured plan (have none)`},
+	}
+	for i, tc := range plans {
+		t.Run(tc.name, func(t *testing.T) {
+			h := fmt.Sprintf(`{"handler":"apikeys","store":{"path":%q},"plans":%s,"default_plan":%q}`, filepath.Join(dir, fmt.Sprintf("p%d.db", i)), tc.plans, tc.defaultPlan)
+			cfg := `{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[` + h + `]}]}}}}}`
+			err := caddy.Load([]byte(cfg), true)
+			if err == nil {
+				_ = caddy.Stop()
+				t.Fatal("config loaded without error")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not mention %q", err, tc.want)
+			}
+		})
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -319,7 +319,7 @@ func runRotate(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		return keyErr(err, args[0])
 	}
-	op, aerr := h.prepareRotate(ctx, jwtauth.Claims{Owner: k.Owner}, k.ID, grace)
+	op, aerr := h.prepareRotate(ctx, jwtauth.Claims{Owner: k.Owner}, k.ID, grace, "")
 	return h.finishMint(ctx, cmd, op, aerr)
 }
 

@@ -48,6 +48,13 @@ type DashboardJWT struct {
 	// full access, is then refused with 403 scope_not_grantable; a "*"
 	// in the claim grants everything. Default: unset (no cap).
 	ScopesClaim string `json:"scopes_claim,omitempty"`
+	// PlansClaim, when set, names the claim (an array of strings or a
+	// space-separated string) listing the plans a session may assign.
+	// Creating, changing or rotating a key to another plan, or leaving a
+	// key without a plan, is then refused with 403 plan_not_grantable;
+	// the default_plan is always grantable, and a "*" in the claim grants
+	// every plan and none. Default: unset (no cap).
+	PlansClaim string `json:"plans_claim,omitempty"`
 	// MaxTokenAge, when set, refuses tokens issued for longer than it
 	// (`exp` more than this after `iat`, or after now). Default: unset (no
 	// limit beyond `exp`).
@@ -67,6 +74,7 @@ func (c *DashboardJWT) newVerifier(ctx caddy.Context, repl *caddy.Replacer) (*jw
 		Audience:    repl.ReplaceKnown(c.Audience, ""),
 		OwnerClaim:  c.OwnerClaim,
 		ScopesClaim: c.ScopesClaim,
+		PlansClaim:  c.PlansClaim,
 		Leeway:      time.Duration(c.Leeway),
 		MaxTokenAge: time.Duration(c.MaxTokenAge),
 		Types:       c.Types,

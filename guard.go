@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+	"github.com/caddy-apikeys/caddy-apikeys/ratelimit"
 	"github.com/caddy-apikeys/caddy-apikeys/requesttarget"
 )
 
@@ -152,6 +153,17 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		return h.insufficientScope(w, required)
 	}
 
+	// The key's plan: its limits are checked last, so that only a request
+	// the key may make counts against its quota. A key without a plan
+	// costs a string comparison here.
+	plan := key.Plan()
+	if p := h.planFor(plan); p != nil && p.limited && h.limiter != nil {
+		if d := h.limiter.Allow(key.Meter(), &p.policy); d.Result != ratelimit.Allowed {
+			h.debug("api key refused: over its plan's limits", &key)
+			return h.refuseLimited(w, p, d)
+		}
+	}
+
 	// The backend learns who calls from these headers only; the identity
 	// headers' names are canonical (see applyDefaults).
 	hdr := r.Header
@@ -160,28 +172,46 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		delete(hdr, h.KeyHeader) // canonical (see applyDefaults)
 	}
 	ids := h.IdentityHeaders
-	// One allocation for the three (or, with metadata, four) values; each
-	// header gets a slice of its own capacity, so an append to one cannot
-	// touch another, and none is shared with the cached record.
+	// One allocation for the three (with metadata or a plan, up to five)
+	// values; each header gets a slice of its own capacity, so an append
+	// to one cannot touch another, and none is shared with the cached
+	// record.
 	meta := key.Meta()
 	n := 3
 	if meta != "" {
-		n = 4
+		n++
+	}
+	if plan != "" {
+		n++
 	}
 	vals := make([]string, n)
 	vals[0], vals[1], vals[2] = key.ID(), key.Owner(), key.Scopes()
 	hdr[ids.ID] = vals[0:1:1]
 	hdr[ids.Owner] = vals[1:2:2]
 	hdr[ids.Scopes] = vals[2:3:3]
+	i := 3
 	if meta != "" {
-		vals[3] = meta // ASCII-only compact JSON (see parseMeta)
-		hdr[ids.Meta] = vals[3:4:4]
+		vals[i] = meta // ASCII-only compact JSON (see parseMeta)
+		hdr[ids.Meta] = vals[i : i+1 : i+1]
+		i++
+	}
+	if plan != "" {
+		vals[i] = plan // a validated plan name (see validPlanName)
+		hdr[ids.Plan] = vals[i : i+1 : i+1]
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		// Values boxed when the record was cached: no allocation here.
 		repl.Set("http.auth.user.id", key.OwnerValue())
 		repl.Set("http.auth.apikey.id", key.IDValue())
 		repl.Set("http.auth.apikey.scopes", key.ScopesValue())
+		// Where plans are configured, set for every key ("" without a
+		// plan), so that a config using it never forwards the
+		// placeholder's own text.
+		if plan != "" {
+			repl.Set("http.auth.apikey.plan", key.PlanValue())
+		} else if h.plans != nil {
+			repl.Set("http.auth.apikey.plan", noPlan)
+		}
 		if meta != "" {
 			repl.Set("http.auth.apikey.meta", key.MetaValue())
 			for _, v := range key.MetaVars() {
@@ -201,6 +231,10 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	}
 	return h.serveWithBody(w, r, next)
 }
+
+// noPlan is the plan placeholder's value for a key without a plan, boxed
+// once.
+var noPlan any = ""
 
 // serveWithBody passes on a request that has a body, watching the body for
 // what only its end reveals (see bodyWatch).
@@ -442,6 +476,7 @@ func (h *Handler) stripIdentityHeaders(r *http.Request) {
 	delete(r.Header, ids.Owner)
 	delete(r.Header, ids.Scopes)
 	delete(r.Header, ids.Meta)
+	delete(r.Header, ids.Plan)
 	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok &&
 		len(srv.ExpectedUnderscoreHeaders) == 0 && len(srv.ExpectedDotHeaders) == 0 {
 		return
@@ -449,7 +484,7 @@ func (h *Handler) stripIdentityHeaders(r *http.Request) {
 	for name, vals := range r.Header {
 		switch {
 		case sameHeaderLoosely(name, ids.ID) || sameHeaderLoosely(name, ids.Owner) || sameHeaderLoosely(name, ids.Scopes) ||
-			sameHeaderLoosely(name, ids.Meta),
+			sameHeaderLoosely(name, ids.Meta) || sameHeaderLoosely(name, ids.Plan),
 			sameHeaderLoosely(name, "X-Original-Url") || sameHeaderLoosely(name, "X-Rewrite-Url"):
 			delete(r.Header, name)
 		case h.KeyHeader != "" && name != h.KeyHeader && sameHeaderLoosely(name, h.KeyHeader):

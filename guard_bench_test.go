@@ -32,7 +32,7 @@ import (
 
 // benchHandler provisions a Handler with the given store config and scope
 // rules and returns it with a cleanup.
-func benchHandler(b testing.TB, store *StoreConfig, cache *CacheConfig) *Handler {
+func benchHandler(b testing.TB, store *StoreConfig, cache *CacheConfig, plans ...Plan) *Handler {
 	b.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	h := &Handler{
@@ -40,6 +40,7 @@ func benchHandler(b testing.TB, store *StoreConfig, cache *CacheConfig) *Handler
 		Secret:     "{env.APIKEYS_TEST_SECRET}",
 		ScopeRules: []ScopeRule{{Scope: "analytics:read", Methods: []string{"GET"}, Paths: []string{"/v1/analytics/*"}}},
 		Cache:      cache,
+		Plans:      plans,
 	}
 	// No running config, so no events app: key changes are not emitted.
 	if err := h.provision(ctx, nil); err != nil {
@@ -57,16 +58,20 @@ func benchHandler(b testing.TB, store *StoreConfig, cache *CacheConfig) *Handler
 	return h
 }
 
-// benchKey mints a key through the handler's store (so it is cached).
-func benchKey(b testing.TB, h *Handler, scopes []string, meta ...string) string {
+// benchKey mints a key through the handler's store (so it is cached),
+// with metadata and a plan when given.
+func benchKey(b testing.TB, h *Handler, scopes []string, metaAndPlan ...string) string {
 	b.Helper()
 	req := createRequest{Name: "bench", Scopes: scopes}
-	if len(meta) > 0 && meta[0] != "" {
-		m, aerr := parseMeta([]byte(meta[0]))
+	if len(metaAndPlan) > 0 && metaAndPlan[0] != "" {
+		m, aerr := parseMeta([]byte(metaAndPlan[0]))
 		if aerr != nil {
 			b.Fatal(aerr.message)
 		}
 		req.Meta = m
+	}
+	if len(metaAndPlan) > 1 {
+		req.Plan = metaAndPlan[1]
 	}
 	k, raw, err := h.newKey("bench-owner", req)
 	if err != nil {
@@ -125,19 +130,28 @@ func checkPassed(b *testing.B, h *Handler, br *benchRequest, w *nopWriter) {
 }
 
 func BenchmarkGuardHit(b *testing.B) {
-	h := benchHandler(b, &StoreConfig{Path: filepath.Join(b.TempDir(), "keys.db")}, nil)
+	// A plan with a rate limit and a quota that the benchmark never
+	// reaches (a request every 3.6 µs for an hour; 10^15 a month).
+	h := benchHandler(b, &StoreConfig{Path: filepath.Join(b.TempDir(), "keys.db")}, nil,
+		Plan{Name: "pro", RateLimit: &RateLimit{Requests: 1e9, Window: caddy.Duration(time.Hour)}, Quota: &Quota{Requests: 1e15, Period: "month"}},
+		Plan{Name: "unmetered"})
 	cases := []struct {
 		name, path string
 		scopes     []string
 		meta       string
+		plan       string
 	}{
-		{"full-access", "/v1/anything", nil, ""},
-		{"scoped", "/v1/analytics/daily", []string{"analytics:read"}, ""},
+		{"full-access", "/v1/anything", nil, "", ""},
+		{"scoped", "/v1/analytics/daily", []string{"analytics:read"}, "", ""},
 		// Metadata: a fourth header and a placeholder per scalar member.
-		{"meta", "/v1/anything", nil, `{"plan":"pro","tenant":"acme-eu","seats":25,"beta":true,"limits":{"rps":10}}`},
+		{"meta", "/v1/anything", nil, `{"plan":"pro","tenant":"acme-eu","seats":25,"beta":true,"limits":{"rps":10}}`, ""},
+		// A plan: the limiter's decision, a fourth header, a placeholder.
+		{"plan", "/v1/anything", nil, "", "pro"},
+		// A plan without limits: the header and placeholder alone.
+		{"plan-unmetered", "/v1/anything", nil, "", "unmetered"},
 	}
 	for _, tc := range cases {
-		key := benchKey(b, h, tc.scopes, tc.meta)
+		key := benchKey(b, h, tc.scopes, tc.meta, tc.plan)
 		b.Run(tc.name, func(b *testing.B) {
 			br := newBenchRequest(b, tc.path, key)
 			w := &nopWriter{}

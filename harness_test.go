@@ -170,6 +170,7 @@ http://127.0.0.1:%[2]d {
 		header_up X-Auth-Meta-Plan {http.auth.apikey.meta.plan}
 		header_up X-Auth-Meta-Seats {http.auth.apikey.meta.seats}
 		header_up X-Auth-Meta-Beta {http.auth.apikey.meta.beta}
+		header_up X-Auth-Apikey-Plan {http.auth.apikey.plan}
 	}
 }
 `, g.logDir, g.port, storeLine, testIssuer, testAudience, extra, strings.TrimPrefix(g.backend.URL, "http://"), g.jwtExtra, g.secretLine, testAccessLogFormat)
@@ -199,7 +200,7 @@ func currentStore(t *testing.T) keystore.Store {
 	var found keystore.Store
 	n := 0
 	stores.Range(func(_, v any) bool {
-		found = v.(pooledStore).Store
+		found = v.(*pooledStore).Store
 		n++
 		return true
 	})

@@ -1,6 +1,7 @@
 package apikeys
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -44,12 +45,16 @@ type keyView struct {
 	ReplacedBy string   `json:"replaced_by,omitempty"`
 	// Meta appears only for a key that has metadata.
 	Meta json.RawMessage `json:"meta,omitempty"`
+	// Plan appears only for a key that has a plan, Usage only where its
+	// plan has a quota (see Handler.keyView).
+	Plan  string     `json:"plan,omitempty"`
+	Usage *usageView `json:"usage,omitempty"`
 }
 
 func newKeyView(k *keystore.Key, now time.Time) keyView {
 	v := keyView{KeyID: k.ID, Name: k.Name, Prefix: k.Prefix, Scopes: k.Scopes,
 		CreatedAt: apiTime{k.CreatedAt}, Status: k.Status(now), Enabled: !k.Disabled,
-		Replaces: k.Replaces, ReplacedBy: k.ReplacedBy, Meta: k.Meta}
+		Replaces: k.Replaces, ReplacedBy: k.ReplacedBy, Meta: k.Meta, Plan: k.Plan}
 	v.ExpiresAt = optTime(k.ExpiresAt)
 	v.LastUsedAt = optTime(k.LastUsedAt)
 	v.RevokedAt = optTime(k.RevokedAt)
@@ -141,7 +146,7 @@ func (h *Handler) serveList(w http.ResponseWriter, r *http.Request, claims jwtau
 		return writeError(w, errStoreUnavailable)
 	}
 	for _, k := range keys {
-		resp.Keys = append(resp.Keys, newKeyView(k, now))
+		resp.Keys = append(resp.Keys, h.keyView(ctx, k, now))
 	}
 	if next != "" {
 		c := base64.RawURLEncoding.EncodeToString([]byte(next))
@@ -173,23 +178,25 @@ func (h *Handler) serveGet(w http.ResponseWriter, r *http.Request, claims jwtaut
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
-	return writeData(w, http.StatusOK, newKeyView(k, h.now()))
+	return writeData(w, http.StatusOK, h.keyView(ctx, k, h.now()))
 }
 
-// servePatch answers PATCH /v1/apikeys/{id}: a new name, scopes or meta,
-// validated as on create (`meta: null` removes it), and `enabled` to
-// disable or enable the key. A revoked or expired key is 409.
+// servePatch answers PATCH /v1/apikeys/{id}: a new name, scopes, meta or
+// plan, validated as on create (`meta: null` removes the metadata, `plan:
+// null` the plan: the key is then not limited; default_plan applies only
+// at create), and `enabled` to disable or enable the key. A revoked or
+// expired key is 409.
 func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims, id string) error {
 	body, aerr := readJSONBody(w, r, false)
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
-	fields, aerr := decodeObject(body, "name", "scopes", "meta", "enabled")
+	fields, aerr := decodeObject(body, "name", "scopes", "meta", "enabled", "plan")
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
 	if len(fields) == 0 {
-		return writeError(w, validationError("", "Send `name`, `scopes`, `meta` and/or `enabled` to change."))
+		return writeError(w, validationError("", "Send `name`, `scopes`, `meta`, `plan` and/or `enabled` to change."))
 	}
 	var name string
 	if raw, ok := fields["name"]; ok {
@@ -219,6 +226,16 @@ func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwta
 			return writeError(w, aerr)
 		}
 	}
+	var plan string
+	raw, changePlan := fields["plan"]
+	if changePlan {
+		if plan, aerr = h.parsePlan(raw); aerr != nil {
+			return writeError(w, aerr)
+		}
+		if aerr := h.planGrantable(claims, plan); aerr != nil {
+			return writeError(w, aerr)
+		}
+	}
 	var enabled bool
 	raw, changeEnabled := fields["enabled"]
 	if changeEnabled && (isNull(raw) || json.Unmarshal(raw, &enabled) != nil) {
@@ -245,6 +262,9 @@ func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwta
 		if changeMeta {
 			k.Meta = meta
 		}
+		if changePlan {
+			k.Plan = plan
+		}
 		toggled = false
 		if changeEnabled {
 			toggled = k.Disabled == enabled
@@ -255,7 +275,7 @@ func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwta
 	if aerr := h.storeError(err, "updating key"); aerr != nil {
 		return writeError(w, aerr)
 	}
-	if name != "" || changeScopes || changeMeta {
+	if name != "" || changeScopes || changeMeta || changePlan {
 		h.audit("updated", k)
 	}
 	switch {
@@ -264,7 +284,7 @@ func (h *Handler) servePatch(w http.ResponseWriter, r *http.Request, claims jwta
 	case toggled:
 		h.audit("enabled", k)
 	}
-	return writeData(w, http.StatusOK, newKeyView(k, now))
+	return writeData(w, http.StatusOK, h.keyView(ctx, k, now))
 }
 
 // serveRevoke answers DELETE /v1/apikeys/{id}. Revoking a revoked key
@@ -280,7 +300,7 @@ func (h *Handler) serveRevoke(w http.ResponseWriter, r *http.Request, claims jwt
 		return writeError(w, aerr)
 	}
 	h.audit("revoked", k)
-	return writeData(w, http.StatusOK, newKeyView(k, h.now()))
+	return writeData(w, http.StatusOK, h.keyView(ctx, k, h.now()))
 }
 
 // rotationPlan is the old key of a rotation and the end of its grace.
@@ -290,16 +310,19 @@ type rotationPlan struct {
 }
 
 // serveRotate answers POST /v1/apikeys/{id}/rotate with an optional
-// `grace_period_seconds`: a new key with the same name, scopes and expiry;
-// the old key works until the grace period ends.
+// `grace_period_seconds` and `plan`: a new key with the same name, scopes,
+// expiry and (unless `plan` names another) plan, metered under the same
+// subject as the old one, so it keeps its quota usage; the old key works
+// until the grace period ends.
 func (h *Handler) serveRotate(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims, id string) error {
 	body, aerr := readJSONBody(w, r, true)
 	if aerr != nil {
 		return writeError(w, aerr)
 	}
 	grace := DefaultGracePeriod
+	var plan string
 	if len(body) > 0 {
-		fields, aerr := decodeObject(body, "grace_period_seconds")
+		fields, aerr := decodeObject(body, "grace_period_seconds", "plan")
 		if aerr != nil {
 			return writeError(w, aerr)
 		}
@@ -310,16 +333,25 @@ func (h *Handler) serveRotate(w http.ResponseWriter, r *http.Request, claims jwt
 			}
 			grace = time.Duration(secs) * time.Second
 		}
+		if raw, ok := fields["plan"]; ok {
+			if plan, aerr = h.parsePlan(raw); aerr != nil {
+				return writeError(w, aerr)
+			}
+		}
 	}
 	meaning := strconv.FormatInt(int64(grace/time.Second), 10)
+	if plan != "" {
+		// Rotations without a plan keep their earlier fingerprint.
+		meaning += " plan=" + plan
+	}
 	return h.mint(w, r, claims, body, meaning, func(ctx context.Context) (*mintOp, *apiError) {
-		return h.prepareRotate(ctx, claims, id, grace)
+		return h.prepareRotate(ctx, claims, id, grace, plan)
 	})
 }
 
 // prepareRotate checks that the session's key id can be rotated and mints
 // its replacement (not stored yet).
-func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id string, grace time.Duration) (*mintOp, *apiError) {
+func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id string, grace time.Duration, plan string) (*mintOp, *apiError) {
 	old, aerr := h.ownedKey(ctx, claims.Owner, id)
 	if aerr != nil {
 		return nil, aerr
@@ -338,6 +370,10 @@ func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id s
 	if aerr := h.grantable(claims, old.Scopes); aerr != nil {
 		return nil, aerr
 	}
+	plan = cmp.Or(plan, old.Plan)
+	if aerr := h.planGrantable(claims, plan); aerr != nil {
+		return nil, aerr
+	}
 	raw, err := keystore.Mint(h.KeyPrefix)
 	if err != nil {
 		return nil, internalError(err)
@@ -348,7 +384,7 @@ func (h *Handler) prepareRotate(ctx context.Context, claims jwtauth.Claims, id s
 	}
 	k := &keystore.Key{ID: newID, Owner: old.Owner, Name: old.Name, Prefix: keystore.DisplayPrefix(h.KeyPrefix, raw),
 		Digest: h.hasher.Digest(raw), Scopes: old.Scopes, CreatedAt: now, ExpiresAt: old.ExpiresAt, Replaces: old.ID,
-		Meta: old.Meta}
+		Meta: old.Meta, Plan: plan, Meter: old.MeterID()}
 	graceEnd := now.Add(grace)
 	if old.ExpiresAt != nil && old.ExpiresAt.Before(graceEnd) {
 		graceEnd = *old.ExpiresAt

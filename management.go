@@ -2,6 +2,7 @@ package apikeys
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -38,6 +39,7 @@ const (
 //	PATCH  /v1/apikeys/{id}         rename, change scopes or meta, disable, enable
 //	DELETE /v1/apikeys/{id}         revoke
 //	POST   /v1/apikeys/{id}/rotate  replace with a new key, old one kept for a grace period
+//	GET    /v1/apikeys/{id}/usage   daily counts of accepted and refused requests
 func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error {
 	if h.verifier == nil {
 		return writeError(w, &apiError{status: http.StatusNotFound, code: "not_found",
@@ -75,6 +77,8 @@ func (h *Handler) serveManagement(w http.ResponseWriter, r *http.Request) error 
 		return h.serveList(w, r, claims)
 	case action == "rotate":
 		return h.serveRotate(w, r, claims, id)
+	case action == "usage":
+		return h.serveUsage(w, r, claims, id)
 	case r.Method == http.MethodGet:
 		return h.serveGet(w, r, claims, id)
 	case r.Method == http.MethodPatch:
@@ -95,13 +99,15 @@ func routeMethods(id, action string, ok bool) []string {
 		return []string{http.MethodGet, http.MethodPost}
 	case action == "":
 		return []string{http.MethodGet, http.MethodPatch, http.MethodDelete}
+	case action == "usage":
+		return []string{http.MethodGet}
 	default:
 		return []string{http.MethodPost}
 	}
 }
 
 // managementRoute splits a path below the management path into a key ID
-// and an action ("rotate"). ok is false for paths that are no endpoint.
+// and an action ("rotate", "usage"). ok is false for paths that are no endpoint.
 func (h *Handler) managementRoute(p string) (id, action string, ok bool) {
 	rest := strings.TrimPrefix(p, h.ManagementPath)
 	if rest == "" {
@@ -114,8 +120,8 @@ func (h *Handler) managementRoute(p string) (id, action string, ok bool) {
 	switch {
 	case len(parts) == 1:
 		return parts[0], "", true
-	case len(parts) == 2 && parts[1] == "rotate":
-		return parts[0], "rotate", true
+	case len(parts) == 2 && (parts[1] == "rotate" || parts[1] == "usage"):
+		return parts[0], parts[1], true
 	}
 	return "", "", false
 }
@@ -153,6 +159,9 @@ func (h *Handler) serveCreate(w http.ResponseWriter, r *http.Request, claims jwt
 // and mints it (not stored yet).
 func (h *Handler) prepareCreate(ctx context.Context, claims jwtauth.Claims, req createRequest) (*mintOp, *apiError) {
 	if aerr := h.grantable(claims, req.Scopes); aerr != nil {
+		return nil, aerr
+	}
+	if aerr := h.planGrantable(claims, cmp.Or(req.Plan, h.DefaultPlan)); aerr != nil {
 		return nil, aerr
 	}
 	key, raw, err := h.newKey(claims.Owner, req)
@@ -236,6 +245,9 @@ type createRequest struct {
 	// Left out of meaning when nil, so fingerprints of requests without
 	// it are as before.
 	Meta json.RawMessage `json:"meta,omitempty"`
+	// Plan is the plan asked for; "" (left out of meaning, as Meta) when
+	// none was, and the key then gets DefaultPlan.
+	Plan string `json:"plan,omitempty"`
 }
 
 // meaning returns what the request asks for in one canonical form, so that
@@ -259,7 +271,7 @@ func (req createRequest) meaning() string {
 // and duplicate fields, wrong types and bad values are all refused.
 func (h *Handler) parseCreateRequest(body []byte) (createRequest, *apiError) {
 	var req createRequest
-	fields, aerr := decodeObject(body, "name", "scopes", "expires_in_days", "meta")
+	fields, aerr := decodeObject(body, "name", "scopes", "expires_in_days", "meta", "plan")
 	if aerr != nil {
 		return req, aerr
 	}
@@ -285,6 +297,11 @@ func (h *Handler) parseCreateRequest(body []byte) (createRequest, *apiError) {
 	}
 	if raw, ok := fields["meta"]; ok && !isNull(raw) {
 		if req.Meta, aerr = parseMeta(raw); aerr != nil {
+			return req, aerr
+		}
+	}
+	if raw, ok := fields["plan"]; ok {
+		if req.Plan, aerr = h.parsePlan(raw); aerr != nil {
 			return req, aerr
 		}
 	}
@@ -451,6 +468,7 @@ func (h *Handler) newKey(owner string, req createRequest) (*keystore.Key, string
 		Scopes:    req.Scopes,
 		CreatedAt: now,
 		Meta:      req.Meta,
+		Plan:      cmp.Or(req.Plan, h.DefaultPlan),
 	}
 	if req.ExpiresInDays > 0 {
 		exp := now.Add(time.Duration(req.ExpiresInDays) * 24 * time.Hour)
@@ -473,10 +491,12 @@ type keyResponse struct {
 	GracePeriodEndsAt *apiTime `json:"grace_period_ends_at,omitempty"`
 	// Meta appears only for a key that has metadata.
 	Meta json.RawMessage `json:"meta,omitempty"`
+	// Plan appears only for a key that has a plan.
+	Plan string `json:"plan,omitempty"`
 }
 
 func newKeyResponse(k *keystore.Key, raw string) keyResponse {
-	resp := keyResponse{KeyID: k.ID, Name: k.Name, Key: raw, Prefix: k.Prefix, Scopes: k.Scopes, CreatedAt: apiTime{k.CreatedAt}, Meta: k.Meta}
+	resp := keyResponse{KeyID: k.ID, Name: k.Name, Key: raw, Prefix: k.Prefix, Scopes: k.Scopes, CreatedAt: apiTime{k.CreatedAt}, Meta: k.Meta, Plan: k.Plan}
 	if k.ExpiresAt != nil {
 		resp.ExpiresAt = &apiTime{*k.ExpiresAt}
 	}

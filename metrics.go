@@ -23,7 +23,7 @@ const metricsNamespace = "caddy_apikeys"
 var (
 	metricValidations = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Name: "validations_total",
-		Help: "Guarded requests by outcome: accepted, no_key, malformed, unknown, revoked, expired, disabled, insufficient_scope, store_unavailable, bad_request (a non-canonical path, on the management API too, or a forbidden trailer).",
+		Help: "Guarded requests by outcome: accepted, no_key, malformed, unknown, revoked, expired, disabled, insufficient_scope, rate_limited, quota_exceeded (refused by the key's plan), store_unavailable, bad_request (a non-canonical path, on the management API too, or a forbidden trailer).",
 	}, []string{"result"})
 	metricCacheLookups = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Name: "cache_lookups_total",
@@ -76,6 +76,8 @@ var (
 	validationExpired           = metricValidations.WithLabelValues("expired")
 	validationDisabled          = metricValidations.WithLabelValues("disabled")
 	validationInsufficientScope = metricValidations.WithLabelValues("insufficient_scope")
+	validationRateLimited       = metricValidations.WithLabelValues("rate_limited")
+	validationQuotaExceeded     = metricValidations.WithLabelValues("quota_exceeded")
 	validationStoreUnavailable  = metricValidations.WithLabelValues("store_unavailable")
 	validationBadRequest        = metricValidations.WithLabelValues("bad_request")
 )

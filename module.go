@@ -25,6 +25,7 @@ import (
 
 	"github.com/caddy-apikeys/caddy-apikeys/jwtauth"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
+	"github.com/caddy-apikeys/caddy-apikeys/ratelimit"
 	"github.com/caddy-apikeys/caddy-apikeys/requesttarget"
 )
 
@@ -46,6 +47,7 @@ const (
 	DefaultHeaderOwner      = "X-Api-Key-Owner"
 	DefaultHeaderScopes     = "X-Api-Key-Scopes"
 	DefaultHeaderMeta       = "X-Api-Key-Meta"
+	DefaultHeaderPlan       = "X-Api-Key-Plan"
 )
 
 // Handler mints API keys at ManagementPath and validates them everywhere
@@ -153,6 +155,23 @@ type Handler struct {
 	// accepted: URLs end up in logs. Default: none (Authorization only).
 	KeyHeader string `json:"key_header,omitempty"`
 
+	// Plans are the usage plans keys can be given (`plan` on create,
+	// PATCH and rotate): a rate limit (GCRA: a burst of at most requests,
+	// then requests per window) and a quota of accepted requests per UTC
+	// day or calendar month, metered per key and its rotations. A request
+	// over either is refused with 429 rate_limited or quota_exceeded,
+	// Retry-After and the RateLimit-Policy and RateLimit fields of
+	// draft-ietf-httpapi-ratelimit-headers-11. The limiter's state lives
+	// in the store (Redis or the bbolt file) and survives reloads; a
+	// reload that changes a plan's numbers applies them to every key.
+	// Default: none (keys are not limited).
+	Plans []Plan `json:"plans,omitempty"`
+
+	// DefaultPlan is the plan a key created without `plan` gets (and the
+	// limits applied to a key whose plan is no longer configured); it
+	// must name one of Plans. Default: none (such keys are not limited).
+	DefaultPlan string `json:"default_plan,omitempty"`
+
 	// SecretScanning turns on the GitHub secret scanning partner endpoint
 	// at `<management_path>/secret-scanning`. Default: off.
 	SecretScanning *SecretScanning `json:"secret_scanning,omitempty"`
@@ -161,11 +180,15 @@ type Handler struct {
 	store        keystore.Store
 	cache        *keystore.CachedStore // the same store, for the guard's lookups
 	storePoolKey string
+	pooled       *pooledStore       // the store's pool entry; nil for a stand-in
 	hasher       *keystore.Hasher   // the current secret's
 	oldHashers   []*keystore.Hasher // PreviousSecrets', to verify only
 	sealers      []cipher.AEAD      // current first; the others open only
 	verifier     *jwtauth.Verifier
 	rules        []compiledRule
+	plans        map[string]*compiledPlan // by name
+	limited      bool                     // some plan has a rate limit or quota
+	limiter      *ratelimit.Limiter       // the store's; nil unless limited
 	pathOpts     requesttarget.Options
 	protected    []string // header names no client may send, name in Connection or send as trailers
 	declared     map[string]struct{}
@@ -221,6 +244,9 @@ type IdentityHeaders struct {
 	// Meta carries the key's metadata as compact, ASCII-only JSON; it is
 	// set only for a key that has metadata. Default: "X-Api-Key-Meta".
 	Meta string `json:"meta,omitempty"`
+	// Plan carries the name of the key's plan; it is set only for a key
+	// that has one. Default: "X-Api-Key-Plan".
+	Plan string `json:"plan,omitempty"`
 }
 
 // CacheConfig configures the in-process cache of key records. The cache
@@ -322,6 +348,13 @@ func (h *Handler) provision(ctx caddy.Context, events *caddyevents.App) error {
 		}
 	}
 	h.usage = newUsageRecorder(h.store, time.Duration(h.LastUsedInterval), h.logger)
+	if h.limited && h.pooled != nil {
+		// One limiter per store, shared across reloads (see limiter.go).
+		var err error
+		if h.limiter, err = h.pooled.lim.get(h.store, h.now, h.logger.Named("ratelimit")); err != nil {
+			return err
+		}
+	}
 	return h.provisionSecretScanning(ctx)
 }
 
@@ -334,6 +367,9 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 	repl := caddy.NewReplacer()
 
 	if err := h.compileScopes(); err != nil {
+		return err
+	}
+	if err := h.compilePlans(); err != nil {
 		return err
 	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
@@ -354,7 +390,12 @@ func (h *Handler) provisionCore(ctx caddy.Context, logger *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	store, poolKey, autoSecret, err := openStore(storeCfg, repl, secret == nil, cacheOpts, h.Cache != nil && h.Cache.DisablePubSub)
+	pooled, poolKey, autoSecret, err := openStore(storeCfg, repl, secret == nil, cacheOpts, h.Cache != nil && h.Cache.DisablePubSub)
+	var store *keystore.CachedStore
+	if pooled != nil {
+		store = pooled.cached()
+	}
+	h.pooled = pooled
 	switch {
 	case err != nil && h.inCaddy && isLocked(err):
 		// Another process (a running Caddy, when this is `caddy
@@ -458,14 +499,18 @@ func (h *Handler) applyDefaults() {
 	if h.IdentityHeaders.Meta == "" {
 		h.IdentityHeaders.Meta = DefaultHeaderMeta
 	}
+	if h.IdentityHeaders.Plan == "" {
+		h.IdentityHeaders.Plan = DefaultHeaderPlan
+	}
 	ids := h.IdentityHeaders
 	ids.ID = http.CanonicalHeaderKey(ids.ID)
 	ids.Owner = http.CanonicalHeaderKey(ids.Owner)
 	ids.Scopes = http.CanonicalHeaderKey(ids.Scopes)
 	ids.Meta = http.CanonicalHeaderKey(ids.Meta)
+	ids.Plan = http.CanonicalHeaderKey(ids.Plan)
 	h.challenge = fmt.Sprintf("Bearer realm=%q", h.Realm)
 	h.pathOpts = requesttarget.Options{AllowEncodedSlash: h.AllowEncodedSlashes}
-	h.protected = []string{"Authorization", ids.ID, ids.Owner, ids.Scopes, ids.Meta}
+	h.protected = []string{"Authorization", ids.ID, ids.Owner, ids.Scopes, ids.Meta, ids.Plan}
 	if h.KeyHeader != "" {
 		h.KeyHeader = http.CanonicalHeaderKey(h.KeyHeader)
 		h.protected = append(h.protected, h.KeyHeader)
@@ -514,7 +559,7 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("apikeys: cors_origins: %q is not an origin like https://dash.example.com", o)
 		}
 	}
-	for _, name := range []string{h.IdentityHeaders.ID, h.IdentityHeaders.Owner, h.IdentityHeaders.Scopes, h.IdentityHeaders.Meta} {
+	for _, name := range []string{h.IdentityHeaders.ID, h.IdentityHeaders.Owner, h.IdentityHeaders.Scopes, h.IdentityHeaders.Meta, h.IdentityHeaders.Plan} {
 		if !validHeaderName(name) {
 			return fmt.Errorf("apikeys: identity header name %q is not a valid header name", name)
 		}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -34,7 +35,12 @@ func TestOpenAPIMatchesResponses(t *testing.T) {
 
 	for _, kind := range storeKinds {
 		t.Run(kind, func(t *testing.T) {
-			g := startGateway(t, kind, "max_keys_per_owner 7\ncors_origins https://dash.example.com")
+			extra := "max_keys_per_owner 7\ncors_origins https://dash.example.com"
+			planned := slices.Contains(planKinds(), kind)
+			if planned {
+				extra += testPlans
+			}
+			g := startGateway(t, kind, extra)
 			doc.Servers = openapi3.Servers{{URL: g.base}}
 			router, err := gorillamux.NewRouter(doc)
 			if err != nil {
@@ -65,6 +71,33 @@ func TestOpenAPIMatchesResponses(t *testing.T) {
 			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{`, contentType: "text/plain"})
 			check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"` + strings.Repeat("x", 70000) + `"}`})
 			check(request{method: "PUT", path: "/v1/apikeys", bearer: alice})
+
+			if planned {
+				// Plans: create, patch, rotate, views with usage, the
+				// usage endpoint, and the guard's 429s.
+				pk := check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"p","plan":"daily"}`})
+				var planKey createdKey
+				_ = json.Unmarshal(pk.env.Data, &planKey)
+				check(request{method: "POST", path: "/v1/apikeys", bearer: alice, body: `{"name":"p","plan":"gold"}`})
+				g.hit(planKey.Key, 4)
+				checkLimited(t, doc, g.do(request{method: "GET", path: "/v1/x", bearer: planKey.Key}), "quota_exceeded")
+				check(request{method: "GET", path: "/v1/apikeys/" + planKey.KeyID, bearer: alice})
+				check(request{method: "GET", path: "/v1/apikeys/" + planKey.KeyID + "/usage?days=3", bearer: alice})
+				check(request{method: "GET", path: "/v1/apikeys/" + planKey.KeyID + "/usage?days=0", bearer: alice})
+				check(request{method: "GET", path: "/v1/apikeys/" + planKey.KeyID + "/usage", bearer: dashboardToken(t, "bob")})
+				check(request{method: "PATCH", path: "/v1/apikeys/" + planKey.KeyID, bearer: alice, body: `{"plan":"both"}`})
+				check(request{method: "GET", path: "/v1/apikeys?limit=3", bearer: alice})
+				check(request{method: "PATCH", path: "/v1/apikeys/" + planKey.KeyID, bearer: alice, body: `{"plan":"burst"}`})
+				g.hit(planKey.Key, 6)
+				checkLimited(t, doc, g.do(request{method: "GET", path: "/v1/x", bearer: planKey.Key}), "rate_limited")
+				check(request{method: "PATCH", path: "/v1/apikeys/" + planKey.KeyID, bearer: alice, body: `{"plan":null}`})
+				check(request{method: "POST", path: "/v1/apikeys/" + planKey.KeyID + "/rotate", bearer: alice, body: `{"plan":"daily"}`})
+				for _, want := range []string{"GET /v1/apikeys/{key_id}/usage OK", "GET /v1/apikeys/{key_id}/usage Bad Request", "GET /v1/apikeys/{key_id}/usage Not Found"} {
+					if !seen[want] {
+						t.Errorf("no response seen for %s", want)
+					}
+				}
+			}
 
 			// List, get, patch, revoke, rotate.
 			check(request{method: "GET", path: "/v1/apikeys?limit=2", bearer: alice})
@@ -140,6 +173,36 @@ func routeName(p string) string {
 		parts[3] = "{key_id}"
 	}
 	return strings.Join(parts, "/")
+}
+
+// checkLimited validates a guarded route's 429 against the document's
+// Limited response: its code, required headers and their schemas, and the
+// body's schema.
+func checkLimited(t *testing.T, doc *openapi3.T, resp *response, code string) {
+	t.Helper()
+	if resp.status != http.StatusTooManyRequests || resp.errCode() != code {
+		t.Fatalf("want 429 %s, got %d %s", code, resp.status, resp.body)
+	}
+	spec := doc.Components.Responses["Limited"].Value
+	for name, h := range spec.Headers {
+		v := resp.header.Get(name)
+		if v == "" {
+			if h.Value.Required {
+				t.Errorf("429 %s without %s", code, name)
+			}
+			continue
+		}
+		if err := h.Value.Schema.Value.VisitJSON(v, openapi3.EnableJSONSchema2020()); err != nil {
+			t.Errorf("429 %s: %s %q does not match openapi.yaml: %v", code, name, v, err)
+		}
+	}
+	var body any
+	if err := json.Unmarshal(resp.body, &body); err != nil {
+		t.Fatal(err)
+	}
+	if err := spec.Content.Get("application/json").Schema.Value.VisitJSON(body, openapi3.EnableJSONSchema2020()); err != nil {
+		t.Errorf("429 %s body does not match openapi.yaml: %v", code, err)
+	}
 }
 
 // validateAgainst checks one exchange against the document.

@@ -31,10 +31,23 @@ var stores = caddy.NewUsagePool()
 // pooledStore adapts a keystore.Store to caddy.Destructor. The store is
 // always a *keystore.CachedStore around the Redis or bbolt store, so the
 // cache (and its pub/sub subscription) lives as long as the store and is
-// shared by every handler that uses the store, across reloads.
-type pooledStore struct{ keystore.Store }
+// shared by every handler that uses the store, across reloads; so does
+// the rate limiter on the store (see limiter.go), which keeps its state
+// in the same Redis or bbolt file.
+type pooledStore struct {
+	keystore.Store
+	lim limiterSlot
+}
 
-func (p pooledStore) Destruct() error { return p.Close() }
+// cached returns the pooled store with its cache.
+func (p *pooledStore) cached() *keystore.CachedStore { return p.Store.(*keystore.CachedStore) }
+
+// Destruct closes the limiter (flushing its counts into the store's
+// database) and then the store.
+func (p *pooledStore) Destruct() error {
+	lerr := p.lim.close()
+	return errors.Join(lerr, p.Close())
+}
 
 // openStore opens the configured store with its cache, or takes it from the
 // pool (and applies cacheOpts to its cache). With the file store and
@@ -42,7 +55,7 @@ func (p pooledStore) Destruct() error { return p.Close() }
 // database file. noPubSub opens a Redis store whose cache neither publishes
 // nor receives invalidations (a separate pool entry, since that is fixed
 // when the cache is created).
-func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpts keystore.CacheOptions, noPubSub bool) (*keystore.CachedStore, string, []byte, error) {
+func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpts keystore.CacheOptions, noPubSub bool) (*pooledStore, string, []byte, error) {
 	newCached := func(inner keystore.Store, inval keystore.Invalidator) (caddy.Destructor, error) {
 		opts := cacheOpts
 		opts.Invalidator = inval
@@ -51,18 +64,18 @@ func openStore(cfg *StoreConfig, repl *caddy.Replacer, wantSecret bool, cacheOpt
 			_ = inner.Close()
 			return nil, err
 		}
-		return pooledStore{c}, nil
+		return &pooledStore{Store: c}, nil
 	}
 	// reuse applies cacheOpts to a store taken from the pool.
-	reuse := func(v any, loaded bool, key string) (*keystore.CachedStore, error) {
-		c := v.(pooledStore).Store.(*keystore.CachedStore)
+	reuse := func(v any, loaded bool, key string) (*pooledStore, error) {
+		p := v.(*pooledStore)
 		if loaded {
-			if err := c.Configure(cacheOpts); err != nil {
+			if err := p.cached().Configure(cacheOpts); err != nil {
 				_, _ = stores.Delete(key)
 				return nil, fmt.Errorf("apikeys: cache: %w", err)
 			}
 		}
-		return c, nil
+		return p, nil
 	}
 	switch cfg.Type {
 	case "", "file":

@@ -109,6 +109,11 @@ type Config struct {
 	// "" means scopes are not read.
 	ScopesClaim string
 
+	// PlansClaim, when set, names the claim holding the plans the session
+	// may assign to keys, in the same forms as ScopesClaim. "" means plans
+	// are not read.
+	PlansClaim string
+
 	// Leeway is the allowed clock skew for `exp`, `nbf` and `iat`.
 	// 0 means DefaultLeeway; negative values are invalid.
 	Leeway time.Duration
@@ -144,6 +149,10 @@ type Claims struct {
 	// duplicates. It is nil when Config.ScopesClaim is unset or the claim
 	// is absent, and empty (non-nil) when the claim is present but empty.
 	Scopes []string
+	// Plans are the plans the session may assign, read from
+	// Config.PlansClaim as Scopes is from ScopesClaim (nil when unset or
+	// absent, empty when present but empty).
+	Plans []string
 	// ExpiresAt is the token's `exp`.
 	ExpiresAt time.Time
 }
@@ -158,6 +167,7 @@ type Verifier struct {
 	audience    string
 	ownerClaim  string
 	scopesClaim string
+	plansClaim  string
 	maxAge      time.Duration
 	leeway      time.Duration
 	types       []string
@@ -213,6 +223,7 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 		audience:    cfg.Audience,
 		ownerClaim:  cfg.OwnerClaim,
 		scopesClaim: cfg.ScopesClaim,
+		plansClaim:  cfg.PlansClaim,
 		maxAge:      cfg.MaxTokenAge,
 		leeway:      leeway,
 		types:       types,
@@ -321,11 +332,15 @@ func (v *Verifier) Verify(token string) (Claims, error) {
 	if err != nil {
 		return Claims{}, err
 	}
-	scopes, err := v.scopes(mc)
+	scopes, err := listClaim(mc, v.scopesClaim, "scopes", "scope")
 	if err != nil {
 		return Claims{}, err
 	}
-	return Claims{Owner: owner, Scopes: scopes, ExpiresAt: exp.Time}, nil
+	plans, err := listClaim(mc, v.plansClaim, "plans", "plan")
+	if err != nil {
+		return Claims{}, err
+	}
+	return Claims{Owner: owner, Scopes: scopes, Plans: plans, ExpiresAt: exp.Time}, nil
 }
 
 // checkHeader refuses what golang-jwt does not check in the JOSE header:
@@ -401,11 +416,14 @@ func notInHeader(r rune) bool {
 // application may trim: Unicode white space and the byte order mark.
 func isSpace(r rune) bool { return unicode.IsSpace(r) || r == '\uFEFF' }
 
-func (v *Verifier) scopes(mc jwt.MapClaims) ([]string, error) {
-	if v.scopesClaim == "" {
+// listClaim reads claim (named what in errors, an entry named one) as an
+// array of strings or a space-separated string, without duplicates, in
+// token order; nil when claim is "" or absent.
+func listClaim(mc jwt.MapClaims, claim, what, one string) ([]string, error) {
+	if claim == "" {
 		return nil, nil
 	}
-	raw, ok := mc[v.scopesClaim]
+	raw, ok := mc[claim]
 	if !ok {
 		return nil, nil
 	}
@@ -418,19 +436,19 @@ func (v *Verifier) scopes(mc jwt.MapClaims) ([]string, error) {
 		for _, e := range val {
 			s, ok := e.(string)
 			if !ok {
-				return nil, tokenError(fmt.Sprintf("scopes claim %q must be an array of strings or a space-separated string", v.scopesClaim))
+				return nil, tokenError(fmt.Sprintf("%s claim %q must be an array of strings or a space-separated string", what, claim))
 			}
 			list = append(list, s)
 		}
 	default:
-		return nil, tokenError(fmt.Sprintf("scopes claim %q must be an array of strings or a space-separated string", v.scopesClaim))
+		return nil, tokenError(fmt.Sprintf("%s claim %q must be an array of strings or a space-separated string", what, claim))
 	}
 	out := make([]string, 0, len(list))
 	for _, s := range list {
 		if s == "" || !utf8.ValidString(s) || strings.IndexFunc(s, func(r rune) bool {
 			return unicode.IsControl(r) || unicode.IsSpace(r)
 		}) >= 0 {
-			return nil, tokenError(fmt.Sprintf("scopes claim %q contains an empty scope or one with spaces or control characters", v.scopesClaim))
+			return nil, tokenError(fmt.Sprintf("%s claim %q contains an empty %s or one with spaces or control characters", what, claim, one))
 		}
 		if !slices.Contains(out, s) {
 			out = append(out, s)

@@ -574,6 +574,25 @@ func TestScopes(t *testing.T) {
 	}
 }
 
+// TestPlans: the plans claim is read as the scopes claim is, apart from it.
+func TestPlans(t *testing.T) {
+	t.Parallel()
+	v := mustNew(t, Config{Secret: testSecret, ScopesClaim: "scope", PlansClaim: "plans"})
+	mod := func(c jwt.MapClaims) { c["plans"] = "pro  free pro"; c["scope"] = []string{"a"} }
+	got, err := v.Verify(sign(t, jwt.SigningMethodHS256, testSecret, claims(mod), ""))
+	if err != nil || !slices.Equal(got.Plans, []string{"pro", "free"}) || !slices.Equal(got.Scopes, []string{"a"}) {
+		t.Fatalf("plans %#v scopes %#v, %v", got.Plans, got.Scopes, err)
+	}
+	got, err = v.Verify(sign(t, jwt.SigningMethodHS256, testSecret, claims(del("plans")), ""))
+	if err != nil || got.Plans != nil {
+		t.Fatalf("absent: plans %#v, %v", got.Plans, err)
+	}
+	_, err = v.Verify(sign(t, jwt.SigningMethodHS256, testSecret, claims(set("plans", []any{"pro", 2})), ""))
+	if !errors.Is(err, ErrInvalidToken) || !strings.Contains(err.Error(), `plans claim "plans" must be an array of strings`) {
+		t.Fatalf("bad plans claim: %v", err)
+	}
+}
+
 func TestConfigErrors(t *testing.T) {
 	t.Parallel()
 	k := getKeys()

@@ -94,6 +94,11 @@ type BoltStore struct {
 
 var _ Store = (*BoltStore)(nil)
 
+// DB returns the store's open bbolt database, for a component that keeps
+// its own buckets beside the store's (the rate limiter); the store owns it
+// and closes it in Close.
+func (s *BoltStore) DB() *bolt.DB { return s.db }
+
 // NewBolt opens (creating if needed) the bbolt file at opts.Path and starts
 // a background sweeper that deletes expired idempotency records, and keys
 // past their retention, every minute. Call Close to stop it and release the

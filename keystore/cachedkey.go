@@ -15,10 +15,11 @@ import (
 // heap objects, two of them pointer-free:
 //
 //   - the CachedKey itself, held by value inside the cache's node;
-//   - one string with the ID, owner and scopes back to back (no pointers);
+//   - one string with the ID, owner, plan, meter and scopes back to back
+//     (no pointers);
 //   - the ID boxed as an interface value, once, so that handing it on as
 //     `any` (a Caddy placeholder) costs no allocation per request; the
-//     owner and scopes are boxed once per distinct value and shared
+//     owner, scopes and plan are boxed once per distinct value and shared
 //     (interned with package unique);
 //   - its mutable state (times of loading and use), pointer-free.
 //
@@ -28,9 +29,11 @@ import (
 // A CachedKey is a value: copies share its state, and its methods are safe
 // for concurrent use.
 type CachedKey struct {
-	text      string // ID, owner and Scopes(), back to back
-	idEnd     int
-	ownerEnd  int
+	text      string // ID, owner, plan, meter (if not the ID) and Scopes(), back to back
+	idEnd     uint32
+	ownerEnd  uint32
+	planEnd   uint32
+	meterEnd  uint32
 	revokedAt time.Time // in UTC (no Location pointer); if revoked
 	expiresAt time.Time // in UTC; if expires
 	revoked   bool
@@ -39,9 +42,10 @@ type CachedKey struct {
 	rotating  bool // replaced by a newer key, within its grace period
 	disabled  bool // suspended (Key.Disabled)
 
-	// The ID, owner and scopes as interface values (see IDValue).
-	idValue       any
-	owner, scopes unique.Handle[any]
+	// The ID, owner, scopes and plan as interface values (see IDValue);
+	// plan is the zero Handle for a key without a plan.
+	idValue             any
+	owner, scopes, plan unique.Handle[any]
 
 	meta *cachedMeta // nil when the key has no metadata
 
@@ -102,13 +106,19 @@ func newCachedKey(k *Key, loadedAt int64, gen uint64) CachedKey {
 // fill sets ck's record fields (not its state) from k.
 func (ck *CachedKey) fill(k *Key) {
 	var b strings.Builder
-	n := len(k.ID) + len(k.Owner)
+	meter := k.Meter
+	if meter == k.ID {
+		meter = ""
+	}
+	n := len(k.ID) + len(k.Owner) + len(k.Plan) + len(meter)
 	for _, s := range k.Scopes {
 		n += len(s) + 1
 	}
 	b.Grow(n)
 	b.WriteString(k.ID)
 	b.WriteString(k.Owner)
+	b.WriteString(k.Plan)
+	b.WriteString(meter)
 	for i, s := range k.Scopes {
 		if i > 0 {
 			b.WriteByte(' ')
@@ -116,8 +126,12 @@ func (ck *CachedKey) fill(k *Key) {
 		b.WriteString(s)
 	}
 	ck.text = b.String()
-	ck.idEnd = len(k.ID)
-	ck.ownerEnd = len(k.ID) + len(k.Owner)
+	// Record fields are bounded far below 4 GiB (IDs, owners, plan names
+	// and scopes are validated short strings).
+	ck.idEnd = uint32(len(k.ID))
+	ck.ownerEnd = ck.idEnd + uint32(len(k.Owner))
+	ck.planEnd = ck.ownerEnd + uint32(len(k.Plan))
+	ck.meterEnd = ck.planEnd + uint32(len(meter))
 	if k.RevokedAt != nil {
 		ck.revoked, ck.revokedAt = true, k.RevokedAt.UTC()
 	}
@@ -131,6 +145,10 @@ func (ck *CachedKey) fill(k *Key) {
 	ck.idValue = ck.ID()
 	ck.owner = intern(ck.Owner())
 	ck.scopes = intern(ck.Scopes())
+	ck.plan = unique.Handle[any]{}
+	if k.Plan != "" {
+		ck.plan = intern(k.Plan)
+	}
 }
 
 // intern returns s boxed as an interface value shared by every record with
@@ -182,13 +200,25 @@ func (ck *CachedKey) ID() string { return ck.text[:ck.idEnd] }
 // Owner returns the key's owner.
 func (ck *CachedKey) Owner() string { return ck.text[ck.idEnd:ck.ownerEnd] }
 
+// Plan returns the name of the key's plan, or "" if it has none.
+func (ck *CachedKey) Plan() string { return ck.text[ck.ownerEnd:ck.planEnd] }
+
+// Meter returns the subject the key's usage is metered under, as
+// [Key.MeterID] does: the first key of its rotation chain, or its own ID.
+func (ck *CachedKey) Meter() string {
+	if ck.meterEnd == ck.planEnd {
+		return ck.ID()
+	}
+	return ck.text[ck.planEnd:ck.meterEnd]
+}
+
 // Scopes returns the key's scopes separated by single spaces (scope names
 // have none), or [FullAccessScopes] for a full-access key.
 func (ck *CachedKey) Scopes() string {
 	if ck.full {
 		return FullAccessScopes
 	}
-	return ck.text[ck.ownerEnd:]
+	return ck.text[ck.meterEnd:]
 }
 
 // IDValue, OwnerValue and ScopesValue return ID(), Owner() and Scopes() as
@@ -201,6 +231,15 @@ func (ck *CachedKey) OwnerValue() any { return ck.owner.Value() }
 
 // ScopesValue returns Scopes() boxed once; see IDValue.
 func (ck *CachedKey) ScopesValue() any { return ck.scopes.Value() }
+
+// PlanValue returns Plan() boxed once, or nil for a key without a plan;
+// see IDValue.
+func (ck *CachedKey) PlanValue() any {
+	if ck.plan == (unique.Handle[any]{}) {
+		return nil
+	}
+	return ck.plan.Value()
+}
 
 // FullAccess reports whether the key carries no scope allowlist.
 func (ck *CachedKey) FullAccess() bool { return ck.full }
@@ -240,7 +279,7 @@ func (ck *CachedKey) HasScope(s string) bool {
 	if ck.full {
 		return true
 	}
-	rest := ck.text[ck.ownerEnd:]
+	rest := ck.text[ck.meterEnd:]
 	for rest != "" {
 		have, after, _ := strings.Cut(rest, " ")
 		if have == s {

@@ -111,6 +111,7 @@ func testUpdateRefusesImmutable(t *testing.T, s Store) {
 		"Digest":    func(x *Key) { x.Digest = other.Digest },
 		"Prefix":    func(x *Key) { x.Prefix = other.Prefix },
 		"CreatedAt": func(x *Key) { x.CreatedAt = x.CreatedAt.Add(time.Millisecond) },
+		"Meter":     func(x *Key) { x.Meter = other.ID },
 	} {
 		_, err := s.Update(ctx, k.ID, func(x *Key) error {
 			x.Name = "must not be stored"

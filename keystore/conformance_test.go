@@ -59,6 +59,7 @@ func runConformance(t *testing.T, b backend) {
 		{"IdempotencyConcurrentReserve", testIdempotencyConcurrentReserve},
 		{"UpdateFields", testUpdateFields},
 		{"DisabledAndMeta", testDisabledAndMeta},
+		{"PlanAndMeter", testPlanAndMeter},
 		{"UpdateRefusesImmutable", testUpdateRefusesImmutable},
 		{"UpdateFnError", testUpdateFnError},
 		{"UpdateNoChange", testUpdateNoChange},
@@ -185,6 +186,9 @@ func assertKey(t testing.TB, want, got *Key) {
 	if got.Replaces != want.Replaces || got.ReplacedBy != want.ReplacedBy {
 		t.Errorf("rotation: got replaces %q, replaced by %q; want %q, %q",
 			got.Replaces, got.ReplacedBy, want.Replaces, want.ReplacedBy)
+	}
+	if got.Plan != want.Plan || got.Meter != want.Meter {
+		t.Errorf("plan, meter: got %q, %q; want %q, %q", got.Plan, got.Meter, want.Plan, want.Meter)
 	}
 }
 

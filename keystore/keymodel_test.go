@@ -83,3 +83,89 @@ func TestCachedKeyMeta(t *testing.T) {
 		t.Errorf("a key without metadata: %q %v %v", plain.Meta(), plain.MetaVars(), plain.Disabled())
 	}
 }
+
+// testPlanAndMeter: a key's plan and meter survive Create, and every read
+// (Get, ByDigest, List); Update changes and clears the plan, and refuses
+// to change the meter (see testUpdateRefusesImmutable).
+func testPlanAndMeter(t *testing.T, s Store) {
+	ctx := ctxT(t)
+	now := time.Now()
+	first := newKey(t, "user-plan", now)
+	first.Plan = "pro"
+	mustCreate(t, s, first)
+	if first.MeterID() != first.ID {
+		t.Fatalf("MeterID of a key without Meter: %q, want its ID", first.MeterID())
+	}
+	// A rotation's replacement meters under the first key of the chain.
+	next := newKey(t, "user-plan", now.Add(time.Millisecond))
+	next.Plan, next.Meter, next.Replaces = "pro", first.ID, first.ID
+	mustCreate(t, s, next)
+	if next.MeterID() != first.ID {
+		t.Fatalf("MeterID: %q, want %q", next.MeterID(), first.ID)
+	}
+	check := func(what string, k *Key, plan string) {
+		t.Helper()
+		reads := map[string]*Key{"Get": getKey(t, s, k.ID)}
+		var err error
+		if reads["ByDigest"], err = s.ByDigest(ctx, k.Digest); err != nil {
+			t.Fatal(err)
+		}
+		keys, _, err := s.List(ctx, k.Owner, "", 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range keys {
+			if l.ID == k.ID {
+				reads["List"] = l
+			}
+		}
+		if len(reads) != 3 {
+			t.Fatalf("%s: %s not listed", what, k.ID)
+		}
+		for op, got := range reads {
+			if got.Plan != plan || got.Meter != k.Meter {
+				t.Errorf("%s, %s: plan %q meter %q; want %q %q", what, op, got.Plan, got.Meter, plan, k.Meter)
+			}
+		}
+	}
+	check("created", first, "pro")
+	check("created", next, "pro")
+	got, err := s.Update(ctx, next.ID, func(k *Key) error { k.Plan = "free"; return nil })
+	if err != nil || got.Plan != "free" || got.Meter != first.ID {
+		t.Fatalf("change plan: %v, %+v", err, got)
+	}
+	check("plan changed", next, "free")
+	if _, err := s.Update(ctx, next.ID, func(k *Key) error { k.Plan = ""; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	check("plan cleared", next, "")
+	check("other key untouched", first, "pro")
+}
+
+// TestCachedKeyPlanMeter: the cached form reads the plan and meter out of
+// its packed text, without allocating, and the scopes after them are
+// intact.
+func TestCachedKeyPlanMeter(t *testing.T) {
+	for _, tc := range []struct {
+		k                  Key
+		plan, meter, scope string
+	}{
+		{Key{ID: "key_b", Owner: "o", Plan: "pro", Meter: "key_a", Scopes: []string{"x:read", "y"}}, "pro", "key_a", "x:read y"},
+		{Key{ID: "key_b", Owner: "o", Plan: "pro", Meter: "key_b"}, "pro", "key_b", FullAccessScopes},
+		{Key{ID: "key_b", Owner: "o", Scopes: []string{"x"}}, "", "key_b", "x"},
+	} {
+		ck := newCachedKey(&tc.k, 0, 0)
+		if ck.ID() != tc.k.ID || ck.Owner() != "o" || ck.Plan() != tc.plan || ck.Meter() != tc.meter || ck.Scopes() != tc.scope {
+			t.Errorf("%+v: id %q owner %q plan %q meter %q scopes %q", tc.k, ck.ID(), ck.Owner(), ck.Plan(), ck.Meter(), ck.Scopes())
+		}
+		if !ck.HasScope("x") && tc.scope != "x:read y" {
+			t.Errorf("%+v: HasScope(x) false", tc.k)
+		}
+		if tc.plan == "" && ck.PlanValue() != nil || tc.plan != "" && ck.PlanValue() != tc.plan {
+			t.Errorf("%+v: PlanValue %v", tc.k, ck.PlanValue())
+		}
+		if n := testing.AllocsPerRun(100, func() { _, _, _ = ck.Plan(), ck.Meter(), ck.PlanValue() }); n != 0 {
+			t.Errorf("reading plan and meter allocates %v times", n)
+		}
+	}
+}

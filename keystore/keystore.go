@@ -59,6 +59,15 @@ type Key struct {
 	// Meta is the operator's metadata for the key: a compact JSON object,
 	// opaque to the store; nil means none.
 	Meta json.RawMessage `json:"meta,omitempty"`
+	// Plan names the key's plan: the rate limit and quota the guard
+	// applies to it, as the operator configured them under that name; ""
+	// means none (no limits).
+	Plan string `json:"plan,omitempty"`
+	// Meter is the ID of the key whose usage this key's requests count
+	// towards: the first key of its rotation chain, so that a rotated key
+	// keeps its quota usage. "" means the key's own ID (see MeterID). It
+	// is set when the key is created and never changes.
+	Meter string `json:"meter,omitempty"`
 	// LastUsedAt is when the key last passed the guard, as recorded with
 	// [Store.RecordUsage] (so it lags by the caller's flush interval), at
 	// millisecond precision; nil means never recorded. Get, List and Update
@@ -122,6 +131,15 @@ func (k *Key) Active(now time.Time) bool {
 		return false
 	}
 	return true
+}
+
+// MeterID returns the subject under which k's usage is metered: Meter, or
+// k's own ID when Meter is empty.
+func (k *Key) MeterID() string {
+	if k.Meter != "" {
+		return k.Meter
+	}
+	return k.ID
 }
 
 // FullAccess reports whether k carries no scope allowlist.
@@ -231,8 +249,8 @@ type Store interface {
 	// may run more than once under contention, so it must be free of side
 	// effects). An error from fn aborts the update and is returned as is.
 	// fn may change Name, Scopes, ExpiresAt, RevokedAt, Replaces,
-	// ReplacedBy, Disabled and Meta; a change to ID, Owner, Digest, Prefix or CreatedAt gives
-	// ErrConflict, and nothing is stored either way (changes to LastUsedAt
+	// ReplacedBy, Disabled, Meta and Plan; a change to ID, Owner, Digest,
+	// Prefix, CreatedAt or Meter gives ErrConflict, and nothing is stored either way (changes to LastUsedAt
 	// are ignored). Returns the updated key, with LastUsedAt filled in, or
 	// ErrNotFound. Giving a key an end, or moving its end, moves its
 	// deletion under retention accordingly; removing the end keeps it for

@@ -64,7 +64,7 @@ func applyUpdate(cur *Key, fn func(*Key) error) (*Key, bool, error) {
 		return nil, false, &fnError{err}
 	}
 	if next.ID != cur.ID || next.Owner != cur.Owner || next.Digest != cur.Digest ||
-		next.Prefix != cur.Prefix || !next.CreatedAt.Equal(cur.CreatedAt) {
+		next.Prefix != cur.Prefix || !next.CreatedAt.Equal(cur.CreatedAt) || next.Meter != cur.Meter {
 		return nil, false, ErrConflict
 	}
 	next.CreatedAt = cur.CreatedAt // the same instant; keep its stored form

@@ -310,6 +310,13 @@ func NewRedisFromClient(c redis.UniversalClient, namespace string) *RedisStore {
 	return &RedisStore{c: c, ns: namespace, retention: DefaultRetention}
 }
 
+// Client returns the store's Redis client, for a component that keeps its
+// own keys beside the store's (the rate limiter); the store owns it.
+func (s *RedisStore) Client() redis.UniversalClient { return s.c }
+
+// Namespace returns the prefix of the store's Redis keys.
+func (s *RedisStore) Namespace() string { return s.ns }
+
 func (s *RedisStore) idKey(id string) string      { return s.ns + ":id:" + id }
 func (s *RedisStore) digestKey(hex string) string { return s.ns + ":digest:" + hex }
 func (s *RedisStore) ownerKey(owner string) string {
