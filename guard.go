@@ -158,7 +158,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	// costs a string comparison here.
 	plan := key.Plan()
 	if p := h.planFor(plan); p != nil && p.limited && h.limiter != nil {
-		if d := h.limiter.Allow(key.Meter(), &p.policy); d.Result != ratelimit.Allowed {
+		if d := h.limiter.AllowAt(key.Meter(), &p.policy, now); d.Result != ratelimit.Allowed {
 			h.debug("api key refused: over its plan's limits", &key)
 			return h.refuseLimited(w, p, d)
 		}
@@ -184,6 +184,9 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if plan != "" {
 		n++
 	}
+	// Every identity header is set or deleted here, replacing whatever
+	// the client sent under its canonical name (stripIdentityHeaders took
+	// the other spellings).
 	vals := make([]string, n)
 	vals[0], vals[1], vals[2] = key.ID(), key.Owner(), key.Scopes()
 	hdr[ids.ID] = vals[0:1:1]
@@ -194,10 +197,14 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		vals[i] = meta // ASCII-only compact JSON (see parseMeta)
 		hdr[ids.Meta] = vals[i : i+1 : i+1]
 		i++
+	} else {
+		delete(hdr, ids.Meta)
 	}
 	if plan != "" {
 		vals[i] = plan // a validated plan name (see validPlanName)
 		hdr[ids.Plan] = vals[i : i+1 : i+1]
+	} else {
+		delete(hdr, ids.Plan)
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		// Values boxed when the record was cached: no allocation here.
@@ -458,8 +465,10 @@ func (h *Handler) lookupPrevious(r *http.Request, token string) (keystore.Cached
 	return keystore.CachedKey{}, keystore.ErrNotFound
 }
 
-// stripIdentityHeaders removes client-sent copies of the identity headers.
-// It runs on every guarded request before anything else. Where the server
+// stripIdentityHeaders removes client-sent spellings of the identity
+// headers other than their canonical names, which the guard replaces or
+// deletes when it passes the request on. It runs on every guarded request
+// before anything else. Where the server
 // lets '_' and '.' spellings in, it also removes those of X-Original-URL
 // and X-Rewrite-URL and gathers those of the method-override headers under
 // their canonical names (see allowed). Names that differ
@@ -468,15 +477,13 @@ func (h *Handler) lookupPrevious(r *http.Request, token string) (keystore.Cached
 // HTTP_X_API_KEY_OWNER. Caddy drops every header name with '_' or '.'
 // unless the server allowlists some (expected_underscore_headers,
 // expected_dot_headers), so only then is the slower scan needed; header
-// keys of a parsed request are canonical, so case variants are caught by
-// the plain deletes.
+// keys of a parsed request are canonical, so case variants are
+// canonical names.
 func (h *Handler) stripIdentityHeaders(r *http.Request) {
 	ids := h.IdentityHeaders
-	delete(r.Header, ids.ID)
-	delete(r.Header, ids.Owner)
-	delete(r.Header, ids.Scopes)
-	delete(r.Header, ids.Meta)
-	delete(r.Header, ids.Plan)
+	// The canonical names are set or deleted when the request is passed
+	// on (see guard), the only way a request leaves the guard: a refusal
+	// answers it here. Other spellings go now.
 	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok &&
 		len(srv.ExpectedUnderscoreHeaders) == 0 && len(srv.ExpectedDotHeaders) == 0 {
 		return

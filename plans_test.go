@@ -134,6 +134,11 @@ func TestPlanRateLimit(t *testing.T) {
 			if s := g.hit(free.Key, 12); countStatus(s, 200) != 12 {
 				t.Errorf("a key without a plan: %v", s)
 			}
+			// ... and no client's copy of one.
+			if r := g.do(request{method: "GET", path: "/v1/x", bearer: free.Key, header: map[string]string{
+				"X-Api-Key-Plan": "forged"}}); r.status != 200 {
+				t.Fatalf("%d %s", r.status, r.body)
+			}
 			if seen := g.backend.last(t); seen.Get("X-Api-Key-Plan") != "" || seen.Get("X-Auth-Apikey-Plan") != "" {
 				t.Errorf("a key without a plan sent plan %q / %q", seen.Get("X-Api-Key-Plan"), seen.Get("X-Auth-Apikey-Plan"))
 			}
