@@ -10,10 +10,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // attackPlans: two plans with a quota of 3 a period, one per period, and
@@ -375,5 +379,95 @@ func TestAttackMonthBoundary(t *testing.T) {
 				t.Errorf("the next month: %v, want 3 admitted", s)
 			}
 		})
+	}
+}
+
+// TestAttackQuotaDuringRedisHang (defended): while Redis does not answer,
+// one instance counts the quota locally from the count it last knew, so a
+// key that has used 1 of `quota 3 day` gets at most 2 more, and none once
+// Redis is back.
+func TestAttackQuotaDuringRedisHang(t *testing.T) {
+	g := startGateway(t, "redis", attackPlans)
+	k := g.keyWithPlan("alice", "daily")
+	if s := g.hit(k.Key, 1); s[0] != 200 {
+		t.Fatalf("first request: %v", s)
+	}
+	time.Sleep(1100 * time.Millisecond) // a sync: the count is shared
+	g.redis.Pause()
+	during := g.hit(k.Key, 5)
+	g.redis.Resume()
+	time.Sleep(1100 * time.Millisecond) // the local counts are sent
+	after := g.hit(k.Key, 2)
+	if n := countStatus(during, 200) + countStatus(after, 200); n > 2 {
+		t.Errorf("with 1 of 3 used, %d more admitted (during the hang %v, after %v)", n, during, after)
+	}
+}
+
+// TestAttackForgedPlanHeaderSpellings (defended): on a server that lets
+// '_' and '.' header names through, a client's X_Api_Key_Plan or
+// X.Api.Key.Plan (which CGI-style backends read as X-Api-Key-Plan) never
+// reaches the backend, for a key with a plan and one without, and
+// neither does a Connection header naming it.
+func TestAttackForgedPlanHeaderSpellings(t *testing.T) {
+	backend := newEchoBackend(t)
+	port := freePort(t)
+	cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+	servers {
+		expected_underscore_headers x_api_key_* x-api_key-*
+		expected_dot_headers x.api.key.*
+	}
+}
+
+http://127.0.0.1:%[1]d {
+	apikeys {
+		store file %[2]s
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %[3]s
+			audience %[4]s
+		}
+		%[6]s
+	}
+	reverse_proxy %[5]s
+}
+`, port, filepath.Join(t.TempDir(), "keys.db"), testIssuer, testAudience, strings.TrimPrefix(backend.URL, "http://"), attackPlans)
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stopCaddy(t) })
+	g := &gateway{t: t, base: fmt.Sprintf("http://127.0.0.1:%d", port), backend: backend, client: &http.Client{Timeout: 10 * time.Second}}
+	for _, k := range []createdKey{g.keyWithPlan("alice", "ratey"), g.create("alice", `{"name":"no plan"}`)} {
+		req, _ := http.NewRequest("GET", g.base+"/v1/x", nil)
+		req.Header.Set("Authorization", "Bearer "+k.Key)
+		req.Header.Set("X_Api_Key_Unrelated", "kept")
+		for _, name := range []string{"X_Api_Key_Plan", "X.Api.Key.Plan", "x-api_key-plan", "X-API-KEY-PLAN"} {
+			req.Header[name] = []string{"enterprise"}
+		}
+		req.Header.Set("Connection", "X_Api_Key_Plan, X-Api-Key-Plan")
+		resp, err := g.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+		seen := backend.last(t)
+		if seen.Get("X_api_key_unrelated") != "kept" {
+			t.Fatalf("the server dropped an allowed underscore header; the test proves nothing: %v", seen)
+		}
+		for name, vals := range seen {
+			if sameHeaderLoosely(name, "X-Api-Key-Plan") && (name != "X-Api-Key-Plan" || len(vals) != 1 || vals[0] != "ratey") {
+				t.Errorf("key %s: the backend saw %s: %q", k.KeyID, name, vals)
+			}
+		}
 	}
 }
