@@ -156,11 +156,18 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	// The key's plan: its limits are checked last, so that only a request
 	// the key may make counts against its quota. A key without a plan
 	// costs a string comparison here.
-	plan := key.Plan()
-	if p := h.planFor(plan); p != nil && p.limited && h.limiter != nil {
-		if d := h.limiter.AllowAt(key.Meter(), &p.policy, now); d.Result != ratelimit.Allowed {
-			h.debug("api key refused: over its plan's limits", &key)
-			return h.refuseLimited(w, p, d)
+	// The plan in effect is the key's, or default_plan's when the key's
+	// was removed from the config: the backend learns the plan whose
+	// limits apply.
+	inEffect := h.planFor(key.Plan())
+	plan := ""
+	if inEffect != nil {
+		plan = inEffect.policy.Name
+		if inEffect.limited && h.limiter != nil {
+			if d := h.limiter.AllowAt(key.Meter(), &inEffect.policy, now); d.Result != ratelimit.Allowed {
+				h.debug("api key refused: over its plan's limits", &key)
+				return h.refuseLimited(w, inEffect, d)
+			}
 		}
 	}
 
@@ -201,7 +208,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		delete(hdr, ids.Meta)
 	}
 	if plan != "" {
-		vals[i] = plan // a validated plan name (see validPlanName)
+		vals[i] = plan // a configured plan name (see validPlanName)
 		hdr[ids.Plan] = vals[i : i+1 : i+1]
 	} else {
 		delete(hdr, ids.Plan)
@@ -215,7 +222,7 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		// plan), so that a config using it never forwards the
 		// placeholder's own text.
 		if plan != "" {
-			repl.Set("http.auth.apikey.plan", key.PlanValue())
+			repl.Set("http.auth.apikey.plan", inEffect.value)
 		} else if h.plans != nil {
 			repl.Set("http.auth.apikey.plan", noPlan)
 		}

@@ -67,9 +67,16 @@ const (
 // compiledPlan is a Plan ready for the guard.
 type compiledPlan struct {
 	policy      ratelimit.Policy
+	value       any    // policy.Name boxed once, for the placeholder
 	limited     bool   // it has a rate limit or a quota
 	policyField string // the RateLimit-Policy field value; "" when not limited
 }
+
+// maxPlanNumber is the largest rate limit or quota a plan may have: the
+// RateLimit-Policy and RateLimit fields are Structured Fields (RFC 9651
+// §3.3.1), whose integers have at most 15 digits, and the shared limiter's
+// Lua scripts count in doubles, exact to 2^53.
+const maxPlanNumber = 999_999_999_999_999
 
 // compilePlans validates Plans and DefaultPlan and builds h.plans.
 func (h *Handler) compilePlans() error {
@@ -85,11 +92,11 @@ func (h *Handler) compilePlans() error {
 		if _, dup := h.plans[p.Name]; dup {
 			return fmt.Errorf("apikeys: plan %q is defined twice", p.Name)
 		}
-		cp := &compiledPlan{policy: ratelimit.Policy{Name: p.Name}}
+		cp := &compiledPlan{policy: ratelimit.Policy{Name: p.Name}, value: p.Name}
 		var fields []string
 		if rl := p.RateLimit; rl != nil {
-			if rl.Requests < 1 {
-				return fmt.Errorf("apikeys: plan %q: rate_limit requests must be at least 1, got %d", p.Name, rl.Requests)
+			if rl.Requests < 1 || rl.Requests > maxPlanNumber {
+				return fmt.Errorf("apikeys: plan %q: rate_limit requests must be from 1 to %d, got %d", p.Name, maxPlanNumber, rl.Requests)
 			}
 			if time.Duration(rl.Window) < time.Second {
 				return fmt.Errorf("apikeys: plan %q: rate_limit window must be at least 1s, got %s", p.Name, time.Duration(rl.Window))
@@ -98,8 +105,8 @@ func (h *Handler) compilePlans() error {
 			fields = append(fields, fmt.Sprintf("%q;q=%d;w=%d", policyRate, rl.Requests, ceilSeconds(cp.policy.Window)))
 		}
 		if q := p.Quota; q != nil {
-			if q.Requests < 1 {
-				return fmt.Errorf("apikeys: plan %q: quota requests must be at least 1, got %d", p.Name, q.Requests)
+			if q.Requests < 1 || q.Requests > maxPlanNumber {
+				return fmt.Errorf("apikeys: plan %q: quota requests must be from 1 to %d, got %d", p.Name, maxPlanNumber, q.Requests)
 			}
 			switch q.Period {
 			case "day":
@@ -396,10 +403,10 @@ type dayView struct {
 // chain, and only while its plan limits something.
 func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, claims jwtauth.Claims, id string) error {
 	days := DefaultUsageDays
-	if s := r.URL.Query().Get("days"); s != "" || r.URL.Query().Has("days") {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > maxUsageDays {
-			return writeError(w, validationError("days", fmt.Sprintf("`days` must be a whole number from 1 to %d.", maxUsageDays)))
+	if vals, ok := r.URL.Query()["days"]; ok {
+		n, err := strconv.Atoi(vals[0])
+		if err != nil || n < 1 || n > maxUsageDays || len(vals) > 1 {
+			return writeError(w, validationError("days", fmt.Sprintf("`days` must be one whole number from 1 to %d.", maxUsageDays)))
 		}
 		days = n
 	}

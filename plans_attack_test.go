@@ -238,7 +238,7 @@ func TestAttackUsageDaysParameter(t *testing.T) {
 	k := g.keyWithPlan("alice", "daily")
 	alice, mallory := dashboardToken(t, "alice"), dashboardToken(t, "mallory")
 	path := "/v1/apikeys/" + k.KeyID + "/usage"
-	for _, q := range []string{"0", "-1", "91", "1e3", "30.5", "9999999999999999999999", "%20", "0x10", "1%00"} {
+	for _, q := range []string{"0", "-1", "91", "1e3", "30.5", "9999999999999999999999", "%20", "0x10", "1%00", "30&days=x", "7&days=7"} {
 		r := g.do(request{method: "GET", path: path + "?days=" + q, bearer: alice})
 		if r.status != 400 || r.errCode() != "validation_error" {
 			t.Errorf("days=%s: %d %.200s", q, r.status, r.body)
@@ -266,7 +266,11 @@ func TestAttackRateLimitFieldsAreStructuredFields(t *testing.T) {
 			quota 10000000000000000 day
 		}`)
 	if err != nil {
-		return // refused at load: defended
+		// Refused at load, naming the bound: defended.
+		if !strings.Contains(err.Error(), "999999999999999") {
+			t.Errorf("refused, but the error does not name the bound: %v", err)
+		}
+		return
 	}
 	k := g.keyWithPlan("alice", "huge")
 	g.hit(k.Key, 1)

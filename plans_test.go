@@ -406,6 +406,29 @@ func TestPlanReload(t *testing.T) {
 			if p := r.header.Get("RateLimit-Policy"); p != `"quota";q=5;w=86400` {
 				t.Errorf("RateLimit-Policy after the reload: %q", p)
 			}
+			// A plan removed from the config: its keys get default_plan,
+			// and the backend is told the plan whose limits apply.
+			b := g.keyWithPlan("alice", "burst")
+			if err := g.load(strings.Replace(testPlans, "plan burst {", "plan gone {", 1) + "\ndefault_plan daily"); err != nil {
+				t.Fatal(err)
+			}
+			s = g.hit(b.Key, 4)
+			if countStatus(s, 200) != 3 || s[3] != 429 {
+				t.Errorf("a key of a removed plan under default_plan daily (quota 3): %v", s)
+			}
+			if p := g.backend.last(t).Get("X-Api-Key-Plan"); p != "daily" {
+				t.Errorf("X-Api-Key-Plan of a key whose plan was removed: %q, want the default in effect", p)
+			}
+			// Without a default no plan is in effect: unlimited, no header.
+			if err := g.load(strings.Replace(testPlans, "plan burst {", "plan gone {", 1)); err != nil {
+				t.Fatal(err)
+			}
+			if s := g.hit(b.Key, 8); countStatus(s, 200) != 8 {
+				t.Errorf("a key of a removed plan without default_plan: %v", s)
+			}
+			if p := g.backend.last(t).Values("X-Api-Key-Plan"); len(p) != 0 {
+				t.Errorf("X-Api-Key-Plan of a key whose plan was removed, no default: %q", p)
+			}
 		})
 	}
 }
