@@ -76,6 +76,7 @@ var (
 	flagCPUReqs  = flag.Int64("cpu-requests", 40000, "requests per run of the cpu phase")
 	flagCPUConns = flag.Int("cpu-conns", 16, "connections of the cpu phase")
 	flagCPURate  = flag.Float64("cpu-rate", 0, "send the cpu phase's requests open loop at this rate (requests/s) instead of closed loop")
+	flagPlan     = flag.String("plan", "", "give every key a plan with these subdirectives, ';'-separated (e.g. \"rate_limit 100 1m; quota 10000000 month\"): the limiter's cost and Redis commands are then in the figures; a 429 counts as an error")
 	flagIdle     = flag.Duration("idle", 10*time.Second, "after the cpu phase, measure each Caddy's CPU use with no requests for this long (0: skip)")
 	flagNoCache  = flag.Bool("nocache", true, "also measure the apikeys guard with its cache off")
 )
@@ -335,7 +336,7 @@ func seedKeys(ctx context.Context, url string, n int) ([]string, error) {
 				}
 				k := &keystore.Key{ID: id, Owner: fmt.Sprintf("owner-%d", i%100), Name: "bench",
 					Prefix: keystore.DisplayPrefix(keystore.DefaultPrefix, raw), Digest: hasher.Digest(raw),
-					CreatedAt: time.Now().UTC().Truncate(time.Millisecond)}
+					CreatedAt: time.Now().UTC().Truncate(time.Millisecond), Plan: benchPlanName()}
 				if err := store.Create(ctx, k); err != nil {
 					errs <- err
 					return
@@ -352,13 +353,37 @@ func seedKeys(ctx context.Context, url string, n int) ([]string, error) {
 	return keys, nil
 }
 
+// benchPlanName is the plan every seeded key gets: "bench" with -plan.
+func benchPlanName() string {
+	if *flagPlan == "" {
+		return ""
+	}
+	return "bench"
+}
+
+// benchPlanConfig is the -plan's Caddyfile lines inside apikeys.
+func benchPlanConfig() string {
+	if *flagPlan == "" {
+		return ""
+	}
+	var b strings.Builder
+	b.WriteString("\t\tplan bench {\n")
+	for line := range strings.SplitSeq(*flagPlan, ";") {
+		if line = strings.TrimSpace(line); line != "" {
+			b.WriteString("\t\t\t" + line + "\n")
+		}
+	}
+	b.WriteString("\t\t}\n")
+	return b.String()
+}
+
 func startCaddy(ctx context.Context, dir, bin string, c *config, backendAddr, redisAddr string) error {
 	guard := ""
 	switch c.Name {
 	case "apikeys":
-		guard = fmt.Sprintf("apikeys {\n\t\tstore redis redis://%s/0\n\t\tsecret {env.APIKEYS_SECRET}\n\t}", redisAddr)
+		guard = fmt.Sprintf("apikeys {\n\t\tstore redis redis://%s/0\n\t\tsecret {env.APIKEYS_SECRET}\n%s\t}", redisAddr, benchPlanConfig())
 	case "apikeys-nocache":
-		guard = fmt.Sprintf("apikeys {\n\t\tstore redis redis://%s/0\n\t\tsecret {env.APIKEYS_SECRET}\n\t\tcache off\n\t}", redisAddr)
+		guard = fmt.Sprintf("apikeys {\n\t\tstore redis redis://%s/0\n\t\tsecret {env.APIKEYS_SECRET}\n\t\tcache off\n%s\t}", redisAddr, benchPlanConfig())
 	}
 	// The admin endpoint serves /debug/vars (heap, GC) and profiles.
 	c.admin = freeAddr()
