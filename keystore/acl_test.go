@@ -14,7 +14,7 @@ import (
 var aclRules = strings.Fields(`on >acl-test-password resetkeys ~apikeys:* resetchannels &apikeys:* -@all
 	+hello +ping +get +set +del +zadd +zrange
 	+eval +evalsha +watch +unwatch +multi +exec +wait
-	+zrem +zcard +pexpireat +persist
+	+zrem +zcard +pexpireat +pexpire +persist
 	+exists +zscore +zremrangebyscore +zcount +incr
 	+mget +hget +hmget +hset +hdel
 	+publish +subscribe +unsubscribe`)
