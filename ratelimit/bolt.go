@@ -129,7 +129,6 @@ func (b *BoltBackend) sync(ctx context.Context, _ int64, items []syncItem, hist 
 		if err != nil {
 			return err
 		}
-		var v [16]byte
 		for k := range items {
 			it := &items[k]
 			if !it.quota {
@@ -137,9 +136,11 @@ func (b *BoltBackend) sync(ctx context.Context, _ int64, items []syncItem, hist 
 			}
 			key := quotaKey(it.subject, it.period)
 			n := it.qAdd + recordCount(quota.Get(key), it.qStart)
-			binary.BigEndian.PutUint64(v[:], uint64(it.qStart))
+			// A value of its own: bbolt keeps the slice until commit.
+			v := make([]byte, 16)
+			binary.BigEndian.PutUint64(v, uint64(it.qStart))
 			binary.BigEndian.PutUint64(v[8:], uint64(n))
-			if err := quota.Put(key, v[:]); err != nil {
+			if err := quota.Put(key, v); err != nil {
 				return err
 			}
 			it.count = n

@@ -504,7 +504,10 @@ func (l *Limiter) decideShared(sh *shard, h uint64, i int32, now int64) Decision
 			q = st.slot()
 		}
 		needQuota := q != nil && q.held <= 0
-		if needQuota && q.empty {
+		if needQuota && q.empty || !needQuota && q != nil && q.used() >= q.quota {
+			// Known used up; or tokens are held that were leased under a
+			// larger quota of the same period (the policy changed since):
+			// they are returned at the next sync.
 			return st.refuseQuota(now)
 		}
 		if !needRate && !needQuota {
