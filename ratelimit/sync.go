@@ -245,7 +245,7 @@ func (l *Limiter) buildItems(items []syncItem, st *state, now int64, shared, fin
 		if it.quota {
 			dst = &extra
 		}
-		l.quotaPart(dst, q, Period(k+1), Period(k+1) == st.period, lapsing, shared, final)
+		l.quotaPart(dst, q, Period(k+1), Period(k+1) == st.period, st.demand, lapsing, shared, final)
 	}
 	if it.rate || it.quota {
 		items = append(items, it)
@@ -257,15 +257,15 @@ func (l *Limiter) buildItems(items []syncItem, st *state, now int64, shared, fin
 }
 
 // quotaPart fills in it's quota part for slot q of period kind per,
-// current when the policy uses it now. A slot the policy does not use
-// and that saw no request in the interval returns every token it holds:
-// a subject whose policy moved to another period, or to no quota, holds
-// no tokens of the old one past the next sync. Local counts are always
-// sent.
-func (l *Limiter) quotaPart(it *syncItem, q *quotaSlot, per Period, current, lapsing, shared, final bool) {
-	demand := q.demand
-	q.demand = 0
-	active := demand > 0 && !final
+// current when the policy uses it now; demand is the subject's requests
+// since the last sync, which size a renewed lease. A slot the policy
+// does not use and that saw no request in the interval returns every
+// token it holds: a subject whose policy moved to another period, or to
+// no quota, holds no tokens of the old one past the next sync. Local
+// counts are always sent.
+func (l *Limiter) quotaPart(it *syncItem, q *quotaSlot, per Period, current bool, demand int64, lapsing, shared, final bool) {
+	active := q.seen && !final
+	q.seen = false
 	switch {
 	case shared:
 		renew := active || final || lapsing || !current
