@@ -14,15 +14,23 @@ import (
 // The file store keeps, in the bbolt file of the keys, a bucket
 // "ratelimit" with two buckets:
 //
-//	quota  subject -> period kind (1 byte) | period start, Unix ns (8) | count (8)
-//	daily  subject | 0x00 | day (4, days since 1970 + 2^31) -> accepted | rate limited | quota exceeded (8 each)
+//	quotas  subject | 0x00 | period kind (1 byte: 1 day, 2 month) -> period start, Unix ns (8) | count (8)
+//	daily   subject | 0x00 | day (4, days since 1970 + 2^31) -> accepted | rate limited | quota exceeded (8 each)
 //
-// All integers big-endian. A Limiter writes both in one transaction per
-// sync; a day's counts older than HistoryDays are deleted when the subject
-// is first counted on a later day.
+// All integers big-endian. A subject has one quota record per period
+// kind, holding the count of the latest period written: a key whose plan
+// moves between a daily and a monthly quota keeps both counts. A Limiter
+// writes both buckets in one transaction per sync; a day's counts older
+// than HistoryDays are deleted when the subject is first counted on a
+// later day.
+//
+// Files written before quotas were kept per kind have a bucket "quota"
+// (subject -> kind | start | count, one record per subject);
+// NewBoltBackend moves its records into "quotas" and deletes it.
 var (
 	bucketRatelimit = []byte("ratelimit")
-	bucketQuota     = []byte("quota")
+	bucketQuotas    = []byte("quotas")
+	bucketQuotaV1   = []byte("quota")
 	bucketDaily     = []byte("daily")
 )
 
@@ -44,11 +52,14 @@ func NewBoltBackend(db *bolt.DB) (*BoltBackend, error) {
 		if err != nil {
 			return err
 		}
-		if _, err := b.CreateBucketIfNotExists(bucketQuota); err != nil {
+		quotas, err := b.CreateBucketIfNotExists(bucketQuotas)
+		if err != nil {
 			return err
 		}
-		_, err = b.CreateBucketIfNotExists(bucketDaily)
-		return err
+		if _, err := b.CreateBucketIfNotExists(bucketDaily); err != nil {
+			return err
+		}
+		return migrateQuotaV1(b, quotas)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ratelimit: create buckets: %w", err)
@@ -58,6 +69,38 @@ func NewBoltBackend(db *bolt.DB) (*BoltBackend, error) {
 
 // Shared implements Backend: false.
 func (*BoltBackend) Shared() bool { return false }
+
+// migrateQuotaV1 moves the records of the one-record-per-subject bucket
+// "quota", if any, into quotas (a record already there wins) and deletes
+// it.
+func migrateQuotaV1(rl, quotas *bolt.Bucket) error {
+	old := rl.Bucket(bucketQuotaV1)
+	if old == nil {
+		return nil
+	}
+	err := old.ForEach(func(k, v []byte) error {
+		if len(v) != 17 || (Period(v[0]) != Day && Period(v[0]) != Month) {
+			return nil // not a record: dropped
+		}
+		key := quotaKey(string(k), Period(v[0]))
+		if quotas.Get(key) != nil {
+			return nil
+		}
+		return quotas.Put(key, v[1:])
+	})
+	if err != nil {
+		return err
+	}
+	return rl.DeleteBucket(bucketQuotaV1)
+}
+
+// quotaKey is the key of subject's quota record of period kind p.
+func quotaKey(subject string, p Period) []byte {
+	k := make([]byte, len(subject)+2)
+	copy(k, subject)
+	k[len(subject)+1] = byte(p)
+	return k
+}
 
 func dailyKey(subject string, day int32) []byte {
 	k := make([]byte, len(subject)+5)
@@ -73,7 +116,7 @@ func (b *BoltBackend) buckets(tx *bolt.Tx) (quota, daily *bolt.Bucket, err error
 	if rl == nil {
 		return nil, nil, errors.New("ratelimit: bucket missing")
 	}
-	return rl.Bucket(bucketQuota), rl.Bucket(bucketDaily), nil
+	return rl.Bucket(bucketQuotas), rl.Bucket(bucketDaily), nil
 }
 
 // sync implements Backend: it adds the counts in one write transaction.
@@ -86,20 +129,18 @@ func (b *BoltBackend) sync(ctx context.Context, _ int64, items []syncItem, hist 
 		if err != nil {
 			return err
 		}
-		var v [17]byte
 		for k := range items {
 			it := &items[k]
 			if !it.quota {
 				continue
 			}
-			n := it.qAdd
-			if cur := quota.Get([]byte(it.subject)); len(cur) == 17 && Period(cur[0]) == it.period && int64(binary.BigEndian.Uint64(cur[1:])) == it.qStart {
-				n += int64(binary.BigEndian.Uint64(cur[9:]))
-			}
-			v[0] = byte(it.period)
-			binary.BigEndian.PutUint64(v[1:], uint64(it.qStart))
-			binary.BigEndian.PutUint64(v[9:], uint64(n))
-			if err := quota.Put([]byte(it.subject), v[:]); err != nil {
+			key := quotaKey(it.subject, it.period)
+			n := it.qAdd + recordCount(quota.Get(key), it.qStart)
+			// A value of its own: bbolt keeps the slice until commit.
+			v := make([]byte, 16)
+			binary.BigEndian.PutUint64(v, uint64(it.qStart))
+			binary.BigEndian.PutUint64(v[8:], uint64(n))
+			if err := quota.Put(key, v); err != nil {
 				return err
 			}
 			it.count = n
@@ -127,6 +168,15 @@ func (b *BoltBackend) sync(ctx context.Context, _ int64, items []syncItem, hist 
 	})
 }
 
+// recordCount returns the count of quota record v if it is of the period
+// that starts at start, else 0.
+func recordCount(v []byte, start int64) int64 {
+	if len(v) != 16 || int64(binary.BigEndian.Uint64(v)) != start {
+		return 0
+	}
+	return int64(binary.BigEndian.Uint64(v[8:]))
+}
+
 // pruneDaily deletes subject's days before cutoff.
 func pruneDaily(daily *bolt.Bucket, subject string, cutoff int32) error {
 	prefix := dailyKey(subject, 0)[:len(subject)+1]
@@ -150,9 +200,7 @@ func (b *BoltBackend) quotaCount(ctx context.Context, subject string, p Period, 
 		if err != nil {
 			return err
 		}
-		if cur := quota.Get([]byte(subject)); len(cur) == 17 && Period(cur[0]) == p && int64(binary.BigEndian.Uint64(cur[1:])) == start {
-			n = int64(binary.BigEndian.Uint64(cur[9:]))
-		}
+		n = recordCount(quota.Get(quotaKey(subject, p)), start)
 		return nil
 	})
 	return n, err

@@ -68,42 +68,67 @@ func (p *Policy) Validate() error {
 	return nil
 }
 
+// quotaSlot is a subject's quota count of one period kind (day or
+// month). A subject keeps one slot per kind, whichever its policy uses
+// now: a policy that switches between quotas of different periods, or to
+// no quota and back, moves between slots and loses no count. Times are
+// Unix nanoseconds. 64 bytes: one cache line.
+type quotaSlot struct {
+	// The period [start, end); end is 0 while the slot is unused. base is
+	// the count the backend had (file: accepted requests; shared: the
+	// shared counter, which includes every instance's unspent leases);
+	// held the tokens leased and not spent; local the requests counted
+	// here that the backend has not seen yet.
+	start, end        int64
+	base, held, local int64
+	quota             int64 // the quota the slot was last used with
+	lastWant          int64 // the last lease's want (shared)
+	loaded, empty     bool
+	seen              bool // a request used the slot since the last sync
+}
+
+// used is the count the instance knows of.
+func (q *quotaSlot) used() int64 { return q.base + q.local - q.held }
+
 // state is one subject's limiter state. It holds no pointers, so a table
 // of 100,000 subjects costs the garbage collector nothing to scan but the
-// map of names. Times are Unix nanoseconds.
+// map of names. Times are Unix nanoseconds. The fields every request
+// touches come first; the state is 256 bytes, so in a table of states
+// each quota slot is one cache line and a request touches three.
 type state struct {
-	// The policy's numbers, as last seen.
+	// The policy's rate numbers, as last seen.
 	limit, window int64
 	t, b          int64 // GCRA emission interval (ceil(Window/Limit)) and capacity (Limit×t); 0: no rate limit
-	quota         int64
-	period        Period
+	tat           int64 // local GCRA: theoretical arrival time
+	demand        int64 // requests seen since the last sync
+	lastSeen      int64 // the last request's time
+	accepted      int64 // daily count of day not yet sent to the backend
 
-	tat int64 // local GCRA: theoretical arrival time
+	day      int32  // the day of the daily counts
+	period   Period // the policy's quota period; NoPeriod: no quota
+	leasing  bool   // a request is leasing for this subject
+	dirty    bool   // listed in the shard's dirty list
+	limited  int64  // daily counts of day not yet sent to the backend
+	refused  int64
+	lastWant int64 // the last rate lease's want (shared)
 
 	// Shared backend: rate tokens leased and not yet spent, the time they
 	// lapse, the time until which the shared bucket is known empty, and
 	// the shared TAT at the last lease.
 	held, leaseEnd, emptyUntil, sharedTAT int64
-	lastWant                              int64
 
-	// Quota: the current period [qStart, qEnd); qBase is the count the
-	// backend had (file: accepted requests; shared: the shared counter,
-	// which includes every instance's unspent leases); qHeld the quota
-	// tokens leased and not spent; qLocal the requests counted here that
-	// the backend has not seen yet.
-	qStart, qEnd         int64
-	qBase, qHeld, qLocal int64
-	qLastWant            int64
-	qLoaded, qEmpty      bool
+	// Quota counts per period kind: q[Day-1], q[Month-1].
+	q [2]quotaSlot
+}
 
-	leasing  bool  // a request is leasing for this subject
-	dirty    bool  // listed in the shard's dirty list
-	demand   int64 // requests seen since the last sync
-	lastSeen int64 // the last request's time
+// slot is the quota slot of the policy's period; st.period is not
+// NoPeriod.
+func (st *state) slot() *quotaSlot { return &st.q[st.period-1] }
 
-	// Daily counts not yet sent to the backend, of day.
-	day                        int32
-	accepted, limited, refused int64
+// quotaPending reports whether any slot holds leased tokens or counts the
+// backend has not seen.
+func (st *state) quotaPending() bool {
+	return st.q[0].held|st.q[0].local|st.q[1].held|st.q[1].local != 0
 }
 
 // shard is a locked part of the subject table.
@@ -276,18 +301,20 @@ func (st *state) setPolicy(p *Policy, now int64) {
 		}
 		st.lastWant = 0
 	}
-	if p.Quota <= 0 || p.Period == NoPeriod {
-		st.quota, st.period = 0, NoPeriod
+	if p.Quota <= 0 || (p.Period != Day && p.Period != Month) {
+		st.period = NoPeriod // the slots keep their counts
 		return
 	}
-	st.quota = p.Quota
-	if p.Period != st.period || now < st.qStart || now >= st.qEnd {
+	st.period = p.Period
+	q := &st.q[p.Period-1]
+	if now < q.start || now >= q.end {
 		// A new period: counts of the old one no longer matter (the daily
 		// counts are kept apart).
-		st.period = p.Period
-		st.qStart, st.qEnd = periodBounds(p.Period, now)
-		st.qBase, st.qHeld, st.qLocal, st.qLastWant = 0, 0, 0, 0
-		st.qLoaded, st.qEmpty = false, false
+		*q = quotaSlot{}
+		q.start, q.end = periodBounds(p.Period, now)
+	}
+	if q.quota != p.Quota {
+		q.quota, q.empty = p.Quota, false
 	}
 }
 
@@ -340,6 +367,9 @@ func (l *Limiter) AllowAt(subject string, p *Policy, at time.Time) Decision {
 	sh.rollDay(i, now)
 	sh.markDirty(i)
 	st.demand++
+	if st.period != NoPeriod {
+		st.slot().seen = true
+	}
 	st.lastSeen = now
 	var d Decision
 	if !l.shared || l.degraded.Load() {
@@ -362,15 +392,13 @@ func (st *state) rateCheck(now int64) (ok bool, next, wait int64) {
 	return true, next, 0
 }
 
-// quotaUsed is the quota count the instance knows of.
-func (st *state) quotaUsed() int64 { return st.qBase + st.qLocal - st.qHeld }
-
 // refuseRate returns the decision for a request over the rate limit.
 func (st *state) refuseRate(now, wait int64) Decision {
 	st.limited++
 	d := Decision{Result: RateLimited, RetryAfter: time.Duration(wait), RateReset: time.Duration(max(st.tat, now) - now)}
-	if st.quota > 0 {
-		d.QuotaUsed, d.QuotaReset = st.quotaUsed(), time.Duration(st.qEnd-now)
+	if st.period != NoPeriod {
+		q := st.slot()
+		d.QuotaUsed, d.QuotaReset = q.used(), time.Duration(q.end-now)
 	}
 	return d
 }
@@ -378,7 +406,8 @@ func (st *state) refuseRate(now, wait int64) Decision {
 // refuseQuota returns the decision for a request over the quota.
 func (st *state) refuseQuota(now int64) Decision {
 	st.refused++
-	d := Decision{Result: QuotaExceeded, RetryAfter: time.Duration(st.qEnd - now), QuotaUsed: st.quotaUsed(), QuotaReset: time.Duration(st.qEnd - now)}
+	q := st.slot()
+	d := Decision{Result: QuotaExceeded, RetryAfter: time.Duration(q.end - now), QuotaUsed: q.used(), QuotaReset: time.Duration(q.end - now)}
 	if st.t > 0 {
 		tat := max(st.tat, now)
 		d.RateRemaining = (st.b - (tat - now)) / st.t
@@ -396,27 +425,32 @@ func (st *state) accept(now, next int64) Decision {
 		d.RateRemaining = (st.b - (next - now)) / st.t
 		d.RateReset = time.Duration(next - now)
 	}
-	if st.quota > 0 {
-		d.QuotaUsed, d.QuotaReset = st.quotaUsed(), time.Duration(st.qEnd-now)
+	if st.period != NoPeriod {
+		q := st.slot()
+		d.QuotaUsed, d.QuotaReset = q.used(), time.Duration(q.end-now)
 	}
 	return d
 }
 
-// loadQuota reads st's period count from the backend once (file store).
-// sh.mu is held: a bbolt read takes microseconds.
+// loadQuota reads the count of st's current slot from the backend once
+// (file store). sh.mu is held: a bbolt read takes microseconds.
 func (l *Limiter) loadQuota(st *state, subject string) {
-	if st.quota <= 0 || st.qLoaded {
+	if st.period == NoPeriod {
+		return
+	}
+	q := st.slot()
+	if q.loaded {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
-	n, err := l.be.quotaCount(ctx, subject, st.period, st.qStart)
+	n, err := l.be.quotaCount(ctx, subject, st.period, q.start)
 	cancel()
 	if err != nil {
 		if c := l.log.Check(zap.WarnLevel, "ratelimit: reading a quota count failed; counting from zero"); c != nil {
 			c.Write(zap.Error(err))
 		}
 	}
-	st.qBase, st.qLoaded = n, true
+	q.base, q.loaded = n, true
 }
 
 // decideLocal decides with the instance's own state: exact GCRA and quota
@@ -434,14 +468,15 @@ func (l *Limiter) decideLocal(sh *shard, i int32, now int64) Decision {
 		}
 		next = n
 	}
-	if st.quota > 0 {
-		if st.quotaUsed() >= st.quota {
+	if st.period != NoPeriod {
+		q := st.slot()
+		if q.used() >= q.quota {
 			return st.refuseQuota(now)
 		}
-		if st.qHeld > 0 {
-			st.qHeld-- // a token leased before the outage: already counted
+		if q.held > 0 {
+			q.held-- // a token leased before the outage: already counted
 		} else {
-			st.qLocal++
+			q.local++
 		}
 	}
 	return st.accept(now, next)
@@ -465,16 +500,23 @@ func (l *Limiter) decideShared(sh *shard, h uint64, i int32, now int64) Decision
 		if needRate && now < st.emptyUntil {
 			return st.refuseRate(now, st.emptyUntil-now)
 		}
-		needQuota := st.quota > 0 && st.qHeld <= 0
-		if needQuota && st.qEmpty {
+		var q *quotaSlot
+		if st.period != NoPeriod {
+			q = st.slot()
+		}
+		needQuota := q != nil && q.held <= 0
+		if needQuota && q.empty || !needQuota && q != nil && q.used() >= q.quota {
+			// Known used up; or tokens are held that were leased under a
+			// larger quota of the same period (the policy changed since):
+			// they are returned at the next sync.
 			return st.refuseQuota(now)
 		}
 		if !needRate && !needQuota {
 			if st.t > 0 {
 				st.held--
 			}
-			if st.quota > 0 {
-				st.qHeld--
+			if q != nil {
+				q.held--
 			}
 			d := st.accept(now, next)
 			if st.t > 0 {
@@ -523,10 +565,11 @@ func (l *Limiter) lease(sh *shard, h uint64, i int32, now int64, needRate, needQ
 		st.lastWant = it.want
 	}
 	if needQuota {
-		it.quota, it.period, it.qStart, it.qEnd, it.q = true, st.period, st.qStart, st.qEnd, st.quota
-		it.qWant = clampWant(max(2*st.qLastWant, 2*st.demand), st.quota/20)
-		st.qLastWant = it.qWant
-		it.qAdd = st.qLocal
+		q := st.slot()
+		it.quota, it.period, it.qStart, it.qEnd, it.q = true, st.period, q.start, q.end, q.quota
+		it.qWant = clampWant(max(2*q.lastWant, 2*st.demand), q.quota/20)
+		q.lastWant = it.qWant
+		it.qAdd = q.local
 	}
 	sh.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
@@ -547,9 +590,8 @@ func (l *Limiter) lease(sh *shard, h uint64, i int32, now int64, needRate, needQ
 	if r.rate {
 		st.applyRate(r, 0, now, int64(l.nextInterval()))
 	}
-	if r.quota && st.qStart == r.qStart {
+	if r.quota {
 		st.applyQuota(r, 0, now)
-		st.qLocal -= r.qAdd
 	}
 	return i, true
 }
@@ -579,18 +621,26 @@ func (st *state) applyRate(r *syncItem, kept, now, interval int64) {
 	}
 }
 
-// applyQuota takes a quota lease reply.
+// applyQuota takes a quota reply into the slot of its period, unless
+// that slot has moved on to a new period since (the reply's tokens and
+// counts are then of a period over). kept is the number of tokens the
+// instance kept spendable while the call was in flight.
 func (st *state) applyQuota(r *syncItem, kept, now int64) {
-	st.qHeld += r.qGrant - kept
-	if st.qHeld < 0 {
-		st.qHeld = 0
+	q := &st.q[r.period-1]
+	if q.start != r.qStart {
+		return
 	}
-	st.qBase = r.count
-	st.qLoaded = true
+	q.held += r.qGrant - kept
+	if q.held < 0 {
+		q.held = 0
+	}
+	q.local -= r.qAdd
+	q.base = r.count
+	q.loaded = true
 	if st.t == 0 && r.qWant > 0 {
 		st.leaseEnd = now + int64(quotaLease)
 	}
-	st.qEmpty = r.qGrant < r.qWant && r.count >= st.quota
+	q.empty = r.qGrant < r.qWant && r.count >= r.q
 }
 
 // clampWant returns want within [1, max(1, limit)].

@@ -16,8 +16,12 @@
 //
 // A quota counts accepted requests per UTC day or calendar month (UTC);
 // a request refused by the rate limit is not counted, and one refused by
-// the quota uses no rate. Counts of a period end with it. Decision carries
-// what the RateLimit and RateLimit-Policy fields need.
+// the quota uses no rate. Counts of a period end with it. A subject keeps
+// one count per period kind: a request is counted in the period of the
+// policy it is decided under, so a policy that changes between a daily
+// and a monthly quota, to another number, or to no quota and back, finds
+// its period's count where it was (a lower quota refuses at once).
+// Decision carries what the RateLimit and RateLimit-Policy fields need.
 //
 // # One instance (the file store, NewBoltBackend)
 //

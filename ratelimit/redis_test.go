@@ -480,7 +480,7 @@ func TestRedisRestart(t *testing.T) {
 	}
 	sh, h := l.shardOf("s")
 	i, _ := sh.find(h)
-	held := sh.st[i].qHeld
+	held := sh.st[i].q[Month-1].held
 	// Crash: no Close.
 	l2, _ := newLimiterLoop(Options{Backend: be, Now: c.Now}, false)
 	defer l2.Close()

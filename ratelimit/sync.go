@@ -68,10 +68,11 @@ func (l *Limiter) Sync(final bool) error {
 				hist = append(hist, histDelta{sh.names[i], st.day, st.accepted, st.limited, st.refused})
 				st.accepted, st.limited, st.refused = 0, 0, 0
 			}
-			it, ok := l.buildItem(st, now, shared, final)
+			first := len(items)
+			items = l.buildItems(items, st, now, shared, final)
 			st.demand = 0
-			if !ok {
-				if st.held > 0 || st.qHeld > 0 || st.qLocal > 0 || st.accepted|st.limited|st.refused != 0 {
+			if len(items) == first {
+				if st.held > 0 || st.quotaPending() || st.accepted|st.limited|st.refused != 0 {
 					keep = append(keep, i) // leases kept or counts pending: looked at again next time
 				} else {
 					st.dirty = false
@@ -79,10 +80,12 @@ func (l *Limiter) Sync(final bool) error {
 				continue
 			}
 			st.dirty = false
-			it.subject, it.shard, it.idx = sh.names[i], int32(si), i
-			items = append(items, it)
-			if h := st.window / 10; it.rate && it.want > 0 && (minH == 0 || h < minH) {
-				minH = h
+			for k := first; k < len(items); k++ {
+				it := &items[k]
+				it.subject, it.shard, it.idx = sh.names[i], int32(si), i
+				if h := st.window / 10; it.rate && it.want > 0 && (minH == 0 || h < minH) {
+					minH = h
+				}
 			}
 		}
 		sh.dirty = keep
@@ -109,19 +112,23 @@ func (l *Limiter) Sync(final bool) error {
 		sh.mu.Lock()
 		st := &sh.st[it.idx]
 		if err != nil {
-			// Nothing was returned or counted: the tokens are still held.
+			// Nothing was returned or counted: the tokens are still held
+			// (quota tokens only while their slot is in the same period).
 			st.held += it.ret - it.heldKept
-			st.qHeld += it.qRet - it.qHeldKep
+			if it.quota {
+				if q := &st.q[it.period-1]; q.start == it.qStart {
+					q.held += it.qRet - it.qHeldKep
+				}
+			}
 		} else {
 			if it.rate {
 				st.applyRate(it, it.heldKept, now, int64(l.nextInterval()))
 			}
-			if it.quota && st.qStart == it.qStart {
+			if it.quota {
 				st.applyQuota(it, it.qHeldKep, now)
-				st.qLocal -= it.qAdd
 			}
 		}
-		if st.held > 0 || st.qHeld > 0 || st.qLocal > 0 || st.accepted|st.limited|st.refused != 0 {
+		if st.held > 0 || st.quotaPending() || st.accepted|st.limited|st.refused != 0 {
 			sh.markDirty(it.idx) // renewed or returned at the next sync
 		}
 		sh.mu.Unlock()
@@ -149,7 +156,7 @@ func (l *Limiter) evictIdle(now int64) {
 		for i := int32(0); i < int32(len(sh.st)); {
 			st := &sh.st[i]
 			if st.dirty || st.leasing || now-st.lastSeen < int64(idleEvict) || st.tat > now ||
-				st.emptyUntil > now || st.held != 0 || st.qHeld != 0 || st.qLocal != 0 ||
+				st.emptyUntil > now || st.held != 0 || st.quotaPending() ||
 				st.accepted|st.limited|st.refused != 0 {
 				i++
 				continue
@@ -195,18 +202,22 @@ func (l *Limiter) syncTimeout(n int) time.Duration {
 	return l.timeout * time.Duration(1+n/5000)
 }
 
-// buildItem fills in st's sync item. With a shared backend, every token
-// held is returned and want granted again in the same script, so no token
-// is held longer than one interval without being charged afresh; the
-// tokens beyond want are surrendered now, the rest (kept) stay spendable
-// during the call. It reports false when there is nothing to send.
-func (l *Limiter) buildItem(st *state, now int64, shared, final bool) (syncItem, bool) {
-	var it syncItem
+// buildItems appends st's sync items to items: the rate lease renewal
+// (shared backends) with the quota part of one slot, and the quota part
+// of the other slot in an item of its own when both have something to
+// send. With a shared backend, every token held is returned and want
+// granted again in the same script, so no token is held longer than one
+// interval without being charged afresh; the tokens beyond want are
+// surrendered now, the rest (kept) stay spendable during the call. It
+// appends nothing when there is nothing to send.
+func (l *Limiter) buildItems(items []syncItem, st *state, now int64, shared, final bool) []syncItem {
+	var it, extra syncItem
 	// A subject seen in the interval renews its leases; one not seen
 	// keeps them until they would lapse before the next sync, then
 	// returns them.
 	active := st.demand > 0 && !final
-	renew := active || final || st.leaseEnd-now <= int64(l.interval)
+	lapsing := st.leaseEnd-now <= int64(l.interval)
+	renew := active || final || lapsing
 	if shared && st.t > 0 && renew && (st.held > 0 || active) {
 		it.rate, it.t, it.b = true, ceilUS(st.t), ceilUS(st.t)*st.limit
 		it.ret = st.held
@@ -218,32 +229,67 @@ func (l *Limiter) buildItem(st *state, now int64, shared, final bool) (syncItem,
 		}
 		it.heldKept = st.held
 	}
-	if st.quota > 0 && now >= st.qStart && now < st.qEnd {
-		if shared && (renew && (st.qHeld > 0 || active) || st.qLocal > 0) {
-			it.quota = true
-			it.qRet = st.qHeld
-			switch {
-			case !renew:
-				it.qWant = st.qHeld // only qLocal to send
-			case active && st.qEmpty:
-				it.qWant = 1 // has anyone returned tokens?
-			case active:
-				it.qWant = clampWant(2*st.demand, st.quota/20)
-			}
-			if st.qHeld > it.qWant {
-				st.qHeld = it.qWant
-			}
-			it.qHeldKep = st.qHeld
-			it.qAdd = st.qLocal
-		} else if !shared && st.qLocal > 0 {
-			it.quota = true
-			it.qAdd = st.qLocal
+	for k := range st.q {
+		q := &st.q[k]
+		if q.end == 0 {
+			continue // never used
 		}
+		if now < q.start || now >= q.end {
+			// The period is over: its count is no longer read (the
+			// Redis hash expires, the file record is replaced with the
+			// next period's), nor are tokens leased for it.
+			*q = quotaSlot{}
+			continue
+		}
+		dst := &it
 		if it.quota {
-			it.period, it.qStart, it.qEnd, it.q = st.period, st.qStart, st.qEnd, st.quota
+			dst = &extra
 		}
+		l.quotaPart(dst, q, Period(k+1), Period(k+1) == st.period, st.demand, lapsing, shared, final)
 	}
-	return it, it.rate || it.quota
+	if it.rate || it.quota {
+		items = append(items, it)
+	}
+	if extra.quota {
+		items = append(items, extra)
+	}
+	return items
+}
+
+// quotaPart fills in it's quota part for slot q of period kind per,
+// current when the policy uses it now; demand is the subject's requests
+// since the last sync, which size a renewed lease. A slot the policy
+// does not use and that saw no request in the interval returns every
+// token it holds: a subject whose policy moved to another period, or to
+// no quota, holds no tokens of the old one past the next sync. Local
+// counts are always sent.
+func (l *Limiter) quotaPart(it *syncItem, q *quotaSlot, per Period, current bool, demand int64, lapsing, shared, final bool) {
+	active := q.seen && !final
+	q.seen = false
+	switch {
+	case shared:
+		renew := active || final || lapsing || !current
+		if !(renew && (q.held > 0 || active) || q.local > 0) {
+			return
+		}
+		it.qRet = q.held
+		switch {
+		case !renew:
+			it.qWant = q.held // only local to send
+		case active && q.empty:
+			it.qWant = 1 // has anyone returned tokens?
+		case active:
+			it.qWant = clampWant(2*demand, q.quota/20)
+		}
+		if q.held > it.qWant {
+			q.held = it.qWant
+		}
+		it.qHeldKep = q.held
+	case q.local == 0:
+		return
+	}
+	it.quota, it.qAdd = true, q.local
+	it.period, it.qStart, it.qEnd, it.q = per, q.start, q.end, q.quota
 }
 
 // dropEmpty removes deltas that add nothing.
@@ -273,7 +319,7 @@ func (l *Limiter) Close() error {
 // shared count, which includes the tokens other instances have leased and
 // not yet spent (at most their demand of one sync interval).
 func (l *Limiter) Usage(ctx context.Context, subject string, p *Policy) (Usage, error) {
-	if p == nil || p.Quota <= 0 || p.Period == NoPeriod {
+	if p == nil || p.Quota <= 0 || (p.Period != Day && p.Period != Month) {
 		return Usage{}, nil
 	}
 	now := l.now().UnixNano()
@@ -284,11 +330,11 @@ func (l *Limiter) Usage(ctx context.Context, subject string, p *Policy) (Usage, 
 	sh, h := l.shardOf(subject)
 	sh.mu.Lock()
 	if i, ok := sh.find(h); ok {
-		st := &sh.st[i]
-		if st.period == p.Period && st.qStart == start {
-			held, local = st.qHeld, st.qLocal
-			if st.qLoaded && (!l.shared || l.degraded.Load()) {
-				u.Used, known = st.quotaUsed(), true
+		// The slot of p's period, whatever policy the subject used last.
+		if q := &sh.st[i].q[p.Period-1]; q.start == start {
+			held, local = q.held, q.local
+			if q.loaded && (!l.shared || l.degraded.Load()) {
+				u.Used, known = q.used(), true
 			}
 		}
 	}
