@@ -189,9 +189,10 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			}
 		}
 	}
-	// last_used_at has second precision: the recorder (and its lock) sees
-	// one use a second of a busy key.
-	if key.NoteUse(now) {
+	// One use a second of a key is noted, in the cached record; the usage
+	// recorder collects it from the cache. Only a record that is not (or
+	// no longer) cached needs the recorder's lock.
+	if key.NoteUse(now) && !key.UseCollected() {
 		h.usage.touch(key.ID(), now)
 	}
 	validationAccepted.Inc()

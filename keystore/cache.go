@@ -256,6 +256,9 @@ type CachedStore struct {
 	wg          sync.WaitGroup
 	closeOnce   sync.Once
 	closeResult error
+
+	usesMu   sync.Mutex
+	leftUses map[string]int64 // key ID: uncollected use of a record that left the cache (see uses.go)
 }
 
 // negEntry remembers that a digest was not in the store.
@@ -328,6 +331,7 @@ func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
 		// records past TTL, to re-read them with one read per digest while
 		// keeping the old record for the outage window if the read fails.
 		RefreshCalculator: otter.RefreshWriting[Digest, CachedKey](100 * 365 * 24 * time.Hour),
+		OnAtomicDeletion:  c.onDeletion,
 		Logger:            otterLogger{c.obs},
 		Clock:             sharedCoarseClock(),
 	})
@@ -533,7 +537,9 @@ func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (CachedKey, 
 	if err != nil {
 		return CachedKey{}, err
 	}
-	return newCachedKey(k, loadedAt, c.gen.Load()), nil
+	e := newCachedKey(k, loadedAt, c.gen.Load())
+	e.st.reported.Store(detachedUse) // not cached: its uses are not collected
+	return e, nil
 }
 
 // load reads one record for the cache (otter calls it on a miss and for
