@@ -95,7 +95,36 @@ func newBenchRequest(b testing.TB, path, key string) *benchRequest {
 	r = r.WithContext(context.WithValue(r.Context(), caddyhttp.ServerCtxKey, new(caddyhttp.Server)))
 	r.Header.Set("User-Agent", "bench")
 	r.Header.Set("Accept", "*/*")
+	// As in Caddy: net/http gives a request without a body http.NoBody,
+	// and Caddy's server wraps every body (for its read timeouts).
+	r.Body = caddyWrappedBody{http.NoBody}
 	return &benchRequest{r: r, auth: []string{"Bearer " + key}}
+}
+
+// caddyWrappedBody stands for the wrapper Caddy's server puts around every
+// request body.
+type caddyWrappedBody struct{ io.ReadCloser }
+
+// TestGuardEmptyBodyNotWatched: a GET without a body, as Caddy hands it on
+// (its body wrapped), passes the guard with one allocation: only a request
+// whose framing announces a body has it watched (see bodyWatch).
+func TestGuardEmptyBodyNotWatched(t *testing.T) {
+	h := benchHandler(t, &StoreConfig{Path: filepath.Join(t.TempDir(), "keys.db")}, nil)
+	br := newBenchRequest(t, "/v1/anything", benchKey(t, h, nil))
+	w := &nopWriter{h: http.Header{}}
+	var watched bool
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		_, watched = w.(*watchedWriter)
+		return nil
+	})
+	allocs := testing.AllocsPerRun(100, func() {
+		if err := h.ServeHTTP(w, br.reset(), next); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if watched || allocs > 1 {
+		t.Errorf("a GET without a body: watched %v, %.0f allocations; want not watched, at most 1", watched, allocs)
+	}
 }
 
 // reset puts the Authorization header back (the guard removes it).
