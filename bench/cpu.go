@@ -542,20 +542,24 @@ func cpuPhase(ctx context.Context, configs []*config, rdb *redis.Client) ([]cpuS
 	if *flagIdle > 0 && *flagIdleSkip > 0 {
 		idleAll(*flagIdleSkip, idleFirst, "after load")
 	}
-	if *flagIdle > 0 {
-		idleAll(*flagIdle, idle, "idle")
-	}
-	out := summarizeCPU(runs, idle, idleFirst, heap, *flagKeys)
+	var profiles sync.WaitGroup
 	if *flagIdle > 0 && *flagIdlePerf {
-		var wg sync.WaitGroup
+		// Over the idle window itself: the profiler costs next to nothing
+		// in a process that does next to nothing (it samples CPU time).
 		for _, c := range configs {
-			wg.Go(func() {
+			profiles.Go(func() {
 				if err := idleProfile(c, *flagIdle); err != nil {
 					log.Printf("idle profile of %s: %v", c.Name, err)
 				}
 			})
 		}
-		wg.Wait()
+	}
+	if *flagIdle > 0 {
+		idleAll(*flagIdle, idle, "idle")
+	}
+	profiles.Wait()
+	out := summarizeCPU(runs, idle, idleFirst, heap, *flagKeys)
+	if *flagIdle > 0 && *flagIdlePerf {
 		for i := range out {
 			out[i].IdleProfile = out[i].Name + "-idle.pprof"
 		}

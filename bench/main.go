@@ -80,7 +80,7 @@ var (
 	flagIdle     = flag.Duration("idle", 10*time.Second, "after the cpu phase, measure each Caddy's CPU use with no requests for this long (0: skip)")
 	flagNoCache  = flag.Bool("nocache", true, "also measure the apikeys guard with its cache off")
 	flagIdleSkip = flag.Duration("idle-after", 0, "start the idle measurement this long after the load stops (its CPU is reported apart): 65s leaves out the last-used flush that follows the load within last_used_interval (1m)")
-	flagIdlePerf = flag.Bool("idle-profile", false, "after the idle measurement, profile each Caddy over another -idle with no requests, into -out as <config>-idle.pprof")
+	flagIdlePerf = flag.Bool("idle-profile", false, "profile each Caddy over the idle window (-idle), into -out as <config>-idle.pprof")
 )
 
 // config is one measured configuration.
