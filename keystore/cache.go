@@ -701,7 +701,16 @@ func (c *CachedStore) unchangedSince() (since int64, ok bool) {
 	for i := len(c.versions) - 1; i >= 0 && c.versions[i].v == v; i-- {
 		since = c.versions[i].at
 	}
-	c.versions = append(c.versions, versionSample{at: c.preciseNano(), v: v})
+	sample := versionSample{at: c.preciseNano(), v: v}
+	if n := len(c.versions); n >= 2 && c.versions[n-1].v == v && c.versions[n-2].v == v {
+		// A run of one version needs only its first sample (since) and
+		// its latest (see refreshBatch). Kept at two, the run's first
+		// sample is never trimmed below: since stays put for as long as
+		// nothing changes, and the records are not walked again.
+		c.versions[n-1] = sample
+	} else {
+		c.versions = append(c.versions, sample)
+	}
 	if n := len(c.versions); n > maxVersionSamples {
 		c.versions = append(c.versions[:0], c.versions[n-maxVersionSamples:]...)
 	}
