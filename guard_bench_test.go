@@ -122,8 +122,12 @@ func TestGuardEmptyBodyNotWatched(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	if watched || allocs > 1 {
-		t.Errorf("a GET without a body: watched %v, %.0f allocations; want not watched, at most 1", watched, allocs)
+	if watched {
+		t.Error("a GET without a body had its body watched")
+	}
+	// Under the race detector sync.Pool drops items: counts mean nothing.
+	if !raceEnabled && allocs > 1 {
+		t.Errorf("a GET without a body: %.0f allocations, want at most 1", allocs)
 	}
 }
 

@@ -51,7 +51,8 @@ func BenchmarkCacheBackground(b *testing.B) {
 		}
 	}
 	// The passes below are called directly: park the refresh loop (a
-	// disabled cache skips them) and let a pass it is in finish.
+	// disabled cache skips them) and let a pass it is in finish. (Not
+	// synchronised for the race detector; benchmarks do not run under it.)
 	c.disabled.Store(true)
 	time.Sleep(time.Second)
 	// Each full pass finds every record past Refresh, so re-reads them all

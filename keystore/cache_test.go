@@ -817,12 +817,10 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // first seen, however many passes there are (more than the version history
 // keeps): otherwise every pass past that would walk every record again.
 func TestCacheRefreshSinceStable(t *testing.T) {
-	f := newCacheFixture(t, CacheOptions{}, true)
+	// Disabled from the start, the refresh loop never runs a pass: the
+	// passes' version read is called directly.
+	f := newCacheFixture(t, CacheOptions{Disabled: true}, true)
 	k := f.storeRaw(t)
-	// Park the refresh loop (a disabled cache skips its passes) and call
-	// the passes' version read directly.
-	f.cache.disabled.Store(true)
-	time.Sleep(100 * time.Millisecond)
 	var first int64
 	for i := range 3 * maxVersionSamples {
 		f.clock.Advance(time.Second)
