@@ -233,14 +233,15 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			}
 		}
 	}
-	// last_used_at has second precision: the recorder (and its lock) sees
-	// one use a second of a busy key.
-	if key.NoteUse(now) {
+	// One use a second of a key is noted, in the cached record; the usage
+	// recorder collects it from the cache. Only a record that is not (or
+	// no longer) cached needs the recorder's lock.
+	if key.NoteUse(now) && !key.UseCollected() {
 		h.usage.touch(key.ID(), now)
 	}
 	validationAccepted.Inc()
 	h.debug("api key accepted", &key)
-	if r.Body == nil || r.Body == http.NoBody {
+	if r.Body == nil || r.Body == http.NoBody || noBodyByFraming(r) {
 		return next.ServeHTTP(w, r)
 	}
 	return h.serveWithBody(w, r, next)
@@ -249,6 +250,16 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // noPlan is the plan placeholder's value for a key without a plan, boxed
 // once.
 var noPlan any = ""
+
+// noBodyByFraming reports whether an HTTP/1.x request has no body by its
+// framing: no Content-Length (or 0) and no Transfer-Encoding. net/http then
+// gave it http.NoBody, which Caddy's server may have wrapped (its read
+// timeouts do, on every request): no trailer can follow and no framing
+// error can occur, so there is nothing for bodyWatch to watch. (Over
+// HTTP/2 and 3, trailers may follow even a declared length of 0.)
+func noBodyByFraming(r *http.Request) bool {
+	return r.ProtoMajor == 1 && r.ContentLength == 0 && len(r.TransferEncoding) == 0
+}
 
 // serveWithBody passes on a request that has a body, watching the body for
 // what only its end reveals (see bodyWatch).

@@ -513,11 +513,17 @@ func TestCORS(t *testing.T) {
 	}
 }
 
-// TestLastUsed: last_used_at appears after the coalescing interval.
+// TestLastUsed: last_used_at appears after the coalescing interval, from
+// the uses the cache collects, and with the cache off from those the guard
+// records itself.
 func TestLastUsed(t *testing.T) {
-	for _, kind := range storeKinds {
+	for _, kind := range []string{"file", "redis", "cluster", "redis/cache-off"} {
 		t.Run(kind, func(t *testing.T) {
-			g := startGateway(t, kind, "last_used_interval 100ms")
+			block := "last_used_interval 100ms"
+			if k, ok := strings.CutSuffix(kind, "/cache-off"); ok {
+				kind, block = k, block+"\n\t\tcache off"
+			}
+			g := startGateway(t, kind, block)
 			k := g.create("alice", `{"name":"used"}`)
 			if v, _ := g.view("alice", k.KeyID); v.LastUsedAt != nil {
 				t.Fatal("a fresh key has last_used_at")

@@ -347,7 +347,7 @@ func (h *Handler) provision(ctx caddy.Context, events *caddyevents.App) error {
 			return err
 		}
 	}
-	h.usage = newUsageRecorder(h.store, time.Duration(h.LastUsedInterval), h.logger)
+	h.usage = newUsageRecorder(h.store, h.cache.CollectUses, time.Duration(h.LastUsedInterval), h.logger)
 	if h.limited && h.pooled != nil {
 		// One limiter per store, shared across reloads (see limiter.go).
 		var err error

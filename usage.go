@@ -16,8 +16,15 @@ const DefaultLastUsedInterval = time.Minute
 // usageRecorder coalesces last-used times: the guard notes them in memory
 // and a background loop writes them once per interval, so a busy key costs
 // one store write per interval however many requests it serves.
+//
+// The guard notes a use in the cached record itself (CachedKey.NoteUse: an
+// atomic write, no lock), and the loop collects those from the cache
+// (collect, CachedStore.CollectUses); touch, a lock and a map write, is for
+// the uses the cache does not collect (CachedKey.UseCollected false: cache
+// off, or a record that just left the cache).
 type usageRecorder struct {
 	store    keystore.Store
+	collect  func(add func(id string, at time.Time)) // nil: only touch
 	interval time.Duration
 	logger   *zap.Logger
 
@@ -29,8 +36,8 @@ type usageRecorder struct {
 	once sync.Once
 }
 
-func newUsageRecorder(store keystore.Store, interval time.Duration, logger *zap.Logger) *usageRecorder {
-	u := &usageRecorder{store: store, interval: interval, logger: logger,
+func newUsageRecorder(store keystore.Store, collect func(func(string, time.Time)), interval time.Duration, logger *zap.Logger) *usageRecorder {
+	u := &usageRecorder{store: store, collect: collect, interval: interval, logger: logger,
 		pending: make(map[string]time.Time), stop: make(chan struct{}), done: make(chan struct{})}
 	go u.loop()
 	return u
@@ -65,8 +72,15 @@ func (u *usageRecorder) loop() {
 func (u *usageRecorder) flush() {
 	u.mu.Lock()
 	batch := u.pending
-	u.pending = make(map[string]time.Time, len(batch))
+	u.pending = make(map[string]time.Time)
 	u.mu.Unlock()
+	if u.collect != nil {
+		u.collect(func(id string, t time.Time) {
+			if cur, ok := batch[id]; !ok || t.After(cur) {
+				batch[id] = t
+			}
+		})
+	}
 	if len(batch) == 0 {
 		return
 	}

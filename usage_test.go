@@ -49,7 +49,7 @@ func TestUsageCoalescing(t *testing.T) {
 	}
 
 	const interval = 100 * time.Millisecond
-	u := newUsageRecorder(store, interval, zap.NewNop())
+	u := newUsageRecorder(store, nil, interval, zap.NewNop())
 	start := time.Now()
 	var last time.Time
 	for time.Since(start) < 550*time.Millisecond {
@@ -68,7 +68,7 @@ func TestUsageCoalescing(t *testing.T) {
 	}
 
 	// Flushed on close even with a long interval.
-	u = newUsageRecorder(store, time.Hour, zap.NewNop())
+	u = newUsageRecorder(store, nil, time.Hour, zap.NewNop())
 	at := time.Now().Add(time.Minute)
 	u.touch(k.ID, at)
 	u.close()

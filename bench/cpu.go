@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -119,6 +120,54 @@ type cpuResult struct {
 	P99        time.Duration `json:"p99_ns"`
 	RedisCmds  int64         `json:"redis_commands"`
 	GCShare    float64       `json:"gc_share_of_cpu"`
+	// Lookups counts the guard's cache lookups by result (hit, stale,
+	// miss, ...), from caddy_apikeys_cache_lookups_total.
+	Lookups map[string]float64 `json:"cache_lookups,omitempty"`
+	RSS     uint64             `json:"rss_bytes_after"`
+}
+
+// cacheLookups reads c's caddy_apikeys_cache_lookups_total by result from
+// its admin endpoint's /metrics (nil for bare Caddy).
+func cacheLookups(c *config) map[string]float64 {
+	resp, err := http.Get("http://" + c.admin + "/metrics")
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var out map[string]float64
+	for _, line := range strings.Split(string(b), "\n") {
+		rest, ok := strings.CutPrefix(line, `caddy_apikeys_cache_lookups_total{result="`)
+		if !ok {
+			continue
+		}
+		res, val, ok := strings.Cut(rest, `"} `)
+		if v, err := strconv.ParseFloat(strings.TrimSpace(val), 64); ok && err == nil {
+			if out == nil {
+				out = map[string]float64{}
+			}
+			out[res] = v
+		}
+	}
+	return out
+}
+
+// procRSS returns the resident set size of process pid (VmRSS).
+func procRSS(pid int) uint64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				kb, _ := strconv.ParseUint(f[0], 10, 64)
+				return kb * 1024
+			}
+		}
+	}
+	return 0
 }
 
 // roundRobin sends n requests over conns connections, each taking the next
@@ -227,6 +276,7 @@ func measureCPU(c *config, conns int, n int64, next *atomic.Int64, redisCmds fun
 		return cpuResult{}, err
 	}
 	cmds0 := redisCmds()
+	look0 := cacheLookups(c)
 	cpu0, err := procCPU(pid)
 	if err != nil {
 		return cpuResult{}, err
@@ -242,12 +292,20 @@ func measureCPU(c *config, conns int, n int64, next *atomic.Int64, redisCmds fun
 		return cpuResult{}, err
 	}
 	cmds1 := redisCmds()
+	look1 := cacheLookups(c)
 	m1, at1, err := readMemStats(c, false)
 	if err != nil {
 		return cpuResult{}, err
 	}
 	out := cpuResult{Requests: r.Requests, Errors: r.Errors, CPU: cpu1 - cpu0, RPS: r.RPS, P50: r.P50, P99: r.P99}
 	out.PerRequest = out.CPU / time.Duration(max(r.Requests, 1))
+	out.RSS = procRSS(pid)
+	for res, v := range look1 {
+		if out.Lookups == nil {
+			out.Lookups = map[string]float64{}
+		}
+		out.Lookups[res] = v - look0[res]
+	}
 	if c.guarded {
 		out.RedisCmds = cmds1 - cmds0
 	}
@@ -289,13 +347,17 @@ type cpuSummary struct {
 	RedisPerRequest float64       `json:"redis_commands_per_request"`
 	GCShare         float64       `json:"gc_share_of_cpu_median"`
 	IdleCore        float64       `json:"idle_cpu_share_of_core"`
+	IdleFirst       float64       `json:"idle_cpu_share_of_core_before_idle_window,omitempty"` // over -idle-after
+	IdleProfile     string        `json:"idle_profile,omitempty"`
 	LiveHeap        uint64        `json:"live_heap_bytes"`
 	LiveObjects     uint64        `json:"live_heap_objects"`
 	HeapPerKey      float64       `json:"live_heap_bytes_per_key_vs_bare"`
+	HitRate         float64       `json:"cache_hit_rate,omitempty"` // hit and stale lookups over all, measured runs
+	RSS             uint64        `json:"rss_bytes_max"`            // after a run, largest
 	Errors          int64         `json:"errors"`
 }
 
-func summarizeCPU(runs map[string][]cpuResult, idle map[string]float64, heap map[string]memStats, keys int) []cpuSummary {
+func summarizeCPU(runs map[string][]cpuResult, idle, idleFirst map[string]float64, heap map[string]memStats, keys int) []cpuSummary {
 	var out []cpuSummary
 	bare := runs["caddy"]
 	bareMed := time.Duration(medianOf(durs(bare)))
@@ -305,7 +367,7 @@ func summarizeCPU(runs map[string][]cpuResult, idle map[string]float64, heap map
 			continue
 		}
 		d := durs(rs)
-		s := cpuSummary{Name: name, PerRequest: time.Duration(medianOf(d)), IdleCore: idle[name],
+		s := cpuSummary{Name: name, PerRequest: time.Duration(medianOf(d)), IdleCore: idle[name], IdleFirst: idleFirst[name],
 			LiveHeap: heap[name].HeapAlloc, LiveObjects: heap[name].HeapObjects}
 		s.PerRequestMin, s.PerRequestMax = time.Duration(minF(d)), time.Duration(maxF(d))
 		s.AddedVsBare = s.PerRequest - bareMed
@@ -314,6 +376,7 @@ func summarizeCPU(runs map[string][]cpuResult, idle map[string]float64, heap map
 		}
 		var ratios, rps, p99, gc []float64
 		var cmds, reqs int64
+		var lookups, served float64
 		for i, r := range rs {
 			if i < len(bare) && bare[i].PerRequest > 0 {
 				ratios = append(ratios, float64(r.PerRequest)/float64(bare[i].PerRequest))
@@ -321,11 +384,21 @@ func summarizeCPU(runs map[string][]cpuResult, idle map[string]float64, heap map
 			rps, p99, gc = append(rps, r.RPS), append(p99, float64(r.P99)), append(gc, r.GCShare)
 			cmds += r.RedisCmds
 			reqs += r.Requests
+			s.RSS = max(s.RSS, r.RSS)
+			for res, v := range r.Lookups {
+				lookups += v
+				if res == "hit" || res == "stale" {
+					served += v
+				}
+			}
 			s.Errors += r.Errors
 		}
 		s.PairedRatio, s.RPS, s.P99, s.GCShare = medianOf(ratios), medianOf(rps), time.Duration(medianOf(p99)), medianOf(gc)
 		if reqs > 0 {
 			s.RedisPerRequest = float64(cmds) / float64(reqs)
+		}
+		if lookups > 0 {
+			s.HitRate = served / lookups
 		}
 		if name != "caddy" && keys > 0 && heap[name].HeapAlloc > 0 {
 			s.HeapPerKey = (float64(heap[name].HeapAlloc) - float64(heap["caddy"].HeapAlloc)) / float64(keys)
@@ -375,6 +448,9 @@ func (r *report) cpuMarkdown(b *strings.Builder) {
 	fmt.Fprintf(b, "\nCPU time per request: %d rounds (configurations alternated), %d requests per run, %s, every one of the %d keys used in turn (round-robin); "+
 		"utime+stime of the Caddy process from /proc/<pid>/stat; idle: %s with no requests after the last round; live heap after a forced GC.\n\n",
 		r.Rounds, r.CPURequests, load, r.Keys, r.IdleFor)
+	if r.StoredKeys > r.Keys {
+		fmt.Fprintf(b, "The store held %d keys in all; only those %d were used.\n\n", r.StoredKeys, r.Keys)
+	}
 	b.WriteString("| configuration | CPU/request, median (min-max) | added vs bare (medians) | ratio vs bare (medians; paired) | req/s | p99 | Redis cmds/request | GC share of CPU | idle CPU (share of a core) | live heap | heap per key vs bare | errors |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, s := range r.CPU {
@@ -386,6 +462,22 @@ func (r *report) cpuMarkdown(b *strings.Builder) {
 		fmt.Fprintf(b, "| %s | %.1fus (%.1f-%.1f) | %+.1fus | %.3f; %.3f | %.0f | %s | %s | %.1f%% | %.2f%% | %.1f MB | %s | %d |\n",
 			s.Name, usf(s.PerRequest), usf(s.PerRequestMin), usf(s.PerRequestMax), usf(s.AddedVsBare), s.RatioVsBare, s.PairedRatio,
 			s.RPS, us(s.P99), redisCol, 100*s.GCShare, 100*s.IdleCore, float64(s.LiveHeap)/1e6, perKey, s.Errors)
+	}
+	b.WriteString("\nResident memory (VmRSS, largest after a run) and the guard's cache hit rate (hit and stale lookups over all, from caddy_apikeys_cache_lookups_total):")
+	for _, s := range r.CPU {
+		fmt.Fprintf(b, " %s %.1f MB", s.Name, float64(s.RSS)/1e6)
+		if s.HitRate > 0 {
+			fmt.Fprintf(b, ", hit rate %.4f", s.HitRate)
+		}
+		b.WriteString(";")
+	}
+	b.WriteString("\n")
+	if r.IdleAfter != "" {
+		fmt.Fprintf(b, "\nThe idle window started %s after the load stopped; over those first %s (which hold the last-used flush of the keys the load used):", r.IdleAfter, r.IdleAfter)
+		for _, s := range r.CPU {
+			fmt.Fprintf(b, " %s %.2f%%;", s.Name, 100*s.IdleFirst)
+		}
+		b.WriteString(" of a core.\n")
 	}
 }
 
@@ -425,28 +517,75 @@ func cpuPhase(ctx context.Context, configs []*config, rdb *redis.Client) ([]cpuS
 		}
 		heap[c.Name] = m
 	}
-	if *flagIdle > 0 {
-		// In parallel: the keys stay "in use" (used in the last 5 minutes)
-		// for every configuration alike.
+	// In parallel: the keys stay "in use" (used in the last 5 minutes)
+	// for every configuration alike.
+	idleAll := func(d time.Duration, into map[string]float64, what string) {
 		var wg sync.WaitGroup
 		var mu sync.Mutex
 		for _, c := range configs {
 			wg.Go(func() {
-				v, err := idleCPU(c, *flagIdle)
+				v, err := idleCPU(c, d)
 				if err != nil {
 					log.Printf("idle CPU of %s: %v", c.Name, err)
 				}
 				mu.Lock()
-				idle[c.Name] = v
+				into[c.Name] = v
 				mu.Unlock()
 			})
 		}
 		wg.Wait()
 		for _, c := range configs {
-			log.Printf("  idle %-16s %.2f%% of a core over %v", c.Name, 100*idle[c.Name], *flagIdle)
+			log.Printf("  %s %-16s %.2f%% of a core over %v", what, c.Name, 100*into[c.Name], d)
 		}
 	}
-	return summarizeCPU(runs, idle, heap, *flagKeys), nil
+	idleFirst := map[string]float64{}
+	if *flagIdle > 0 && *flagIdleSkip > 0 {
+		idleAll(*flagIdleSkip, idleFirst, "after load")
+	}
+	var profiles sync.WaitGroup
+	if *flagIdle > 0 && *flagIdlePerf {
+		// Over the idle window itself: the profiler costs next to nothing
+		// in a process that does next to nothing (it samples CPU time).
+		for _, c := range configs {
+			profiles.Go(func() {
+				if err := idleProfile(c, *flagIdle); err != nil {
+					log.Printf("idle profile of %s: %v", c.Name, err)
+				}
+			})
+		}
+	}
+	if *flagIdle > 0 {
+		idleAll(*flagIdle, idle, "idle")
+	}
+	profiles.Wait()
+	out := summarizeCPU(runs, idle, idleFirst, heap, *flagKeys)
+	if *flagIdle > 0 && *flagIdlePerf {
+		for i := range out {
+			out[i].IdleProfile = out[i].Name + "-idle.pprof"
+		}
+	}
+	return out, nil
+}
+
+// idleProfile fetches a CPU profile of c's Caddy over d with no requests,
+// into <out>/<name>-idle.pprof.
+func idleProfile(c *config, d time.Duration) error {
+	if err := os.MkdirAll(*flagOut, 0o755); err != nil {
+		return err
+	}
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.admin, int(d.Seconds())))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("idle profile of %s: %s", c.Name, resp.Status)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(*flagOut, c.Name+"-idle.pprof"), b, 0o644)
 }
 
 // cpuTargets are the issue's targets that the cpu phase measures.

@@ -62,7 +62,8 @@ var (
 	flagRounds   = flag.Int("rounds", 6, "measurement rounds (each measures every configuration once)")
 	flagDuration = flag.Duration("duration", 4*time.Second, "length of each measured run")
 	flagWarmup   = flag.Duration("warmup", time.Second, "unmeasured load before each closed-loop run")
-	flagKeys     = flag.Int("keys", 10000, "API keys in the store")
+	flagKeys     = flag.Int("keys", 10000, "API keys in the store, all of them used by the load")
+	flagStored   = flag.Int("stored-keys", 0, "API keys in the store in all (at least -keys): the ones beyond -keys are stored but never used")
 	flagConns    = flag.Int("conns", 32, "connections of the closed-loop runs")
 	flagOpenConn = flag.Int("open-conns", 64, "most connections of the open-loop runs")
 	flagOut      = flag.String("out", "bench/results", "directory for results.json, summary.md and chart.png")
@@ -79,6 +80,8 @@ var (
 	flagPlan     = flag.String("plan", "", "give every key a plan with these subdirectives, ';'-separated (e.g. \"rate_limit 100 1m; quota 10000000 month\"): the limiter's cost and Redis commands are then in the figures; a 429 counts as an error")
 	flagIdle     = flag.Duration("idle", 10*time.Second, "after the cpu phase, measure each Caddy's CPU use with no requests for this long (0: skip)")
 	flagNoCache  = flag.Bool("nocache", true, "also measure the apikeys guard with its cache off")
+	flagIdleSkip = flag.Duration("idle-after", 0, "start the idle measurement this long after the load stops (its CPU is reported apart): 65s leaves out the last-used flush that follows the load within last_used_interval (1m)")
+	flagIdlePerf = flag.Bool("idle-profile", false, "profile each Caddy over the idle window (-idle), into -out as <config>-idle.pprof")
 )
 
 // config is one measured configuration.
@@ -205,6 +208,14 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if extra := *flagStored - *flagKeys; extra > 0 {
+		t0 := time.Now()
+		log.Printf("storing %d more keys in Redis, never used", extra)
+		if _, err := seedKeys(ctx, "redis://"+redisAddr+"/0", extra); err != nil {
+			return err
+		}
+		log.Printf("stored them in %v", time.Since(t0).Round(time.Second))
+	}
 
 	configs := []*config{
 		{Name: "backend", Label: "BACKEND", addr: backendAddr},
@@ -297,6 +308,9 @@ func run(ctx context.Context) error {
 
 	rep := newReport(configs, runs, lat, rate, time.Since(started))
 	rep.CPU, rep.CPURequests, rep.CPUConns, rep.IdleFor, rep.CPURate = cpu, *flagCPUReqs, *flagCPUConns, flagIdle.String(), *flagCPURate
+	if *flagIdleSkip > 0 {
+		rep.IdleAfter = flagIdleSkip.String()
+	}
 	rep.Targets = append(rep.Targets, cpuTargets(cpu)...)
 	if err := rep.write(*flagOut); err != nil {
 		return err
@@ -319,11 +333,14 @@ func seedKeys(ctx context.Context, url string, n int) ([]string, error) {
 		return nil, err
 	}
 	keys := make([]string, n)
-	errs := make(chan error, 16)
+	// Enough creates in flight to keep Redis busy (each is a few round
+	// trips): about 30,000 keys a second here.
+	const workers = 64
+	errs := make(chan error, workers)
 	var wg sync.WaitGroup
-	for w := range 16 {
+	for w := range workers {
 		wg.Go(func() {
-			for i := w; i < n; i += 16 {
+			for i := w; i < n; i += workers {
 				raw, err := keystore.Mint(keystore.DefaultPrefix)
 				if err != nil {
 					errs <- err

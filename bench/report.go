@@ -33,6 +33,8 @@ type report struct {
 	CPUConns    int          `json:"cpu_connections,omitempty"`
 	CPURate     float64      `json:"cpu_open_loop_rate,omitempty"`
 	IdleFor     string       `json:"idle_measured_for,omitempty"`
+	IdleAfter   string       `json:"idle_measured_after,omitempty"`
+	StoredKeys  int          `json:"stored_keys,omitempty"` // when more than Keys
 }
 
 // summary is one configuration's medians over the rounds.
@@ -67,7 +69,7 @@ func newReport(configs []*config, peak, lat map[string][]result, rate float64, e
 	r := &report{
 		Machine: machine(), Pinning: pinning(), Command: "go run ./bench " + strings.Join(os.Args[1:], " "),
 		Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"), Elapsed: elapsed.Round(time.Second).String(),
-		Rounds: *flagRounds, Duration: flagDuration.String(), Keys: *flagKeys, ZipfS: zipfS,
+		Rounds: *flagRounds, Duration: flagDuration.String(), Keys: *flagKeys, StoredKeys: max(*flagStored, 0), ZipfS: zipfS,
 		Conns: *flagConns, OpenConns: *flagOpenConn, Rate: rate, Peak: peak, Latency: lat,
 	}
 	r.Command = strings.TrimSpace(r.Command)

@@ -256,6 +256,9 @@ type CachedStore struct {
 	wg          sync.WaitGroup
 	closeOnce   sync.Once
 	closeResult error
+
+	usesMu   sync.Mutex
+	leftUses map[string]int64 // key ID: uncollected use of a record that left the cache (see uses.go)
 }
 
 // negEntry remembers that a digest was not in the store.
@@ -328,6 +331,7 @@ func NewCachedStore(inner Store, opts CacheOptions) (*CachedStore, error) {
 		// records past TTL, to re-read them with one read per digest while
 		// keeping the old record for the outage window if the read fails.
 		RefreshCalculator: otter.RefreshWriting[Digest, CachedKey](100 * 365 * 24 * time.Hour),
+		OnAtomicDeletion:  c.onDeletion,
 		Logger:            otterLogger{c.obs},
 		Clock:             sharedCoarseClock(),
 	})
@@ -533,7 +537,9 @@ func (c *CachedStore) lookupUncached(ctx context.Context, d Digest) (CachedKey, 
 	if err != nil {
 		return CachedKey{}, err
 	}
-	return newCachedKey(k, loadedAt, c.gen.Load()), nil
+	e := newCachedKey(k, loadedAt, c.gen.Load())
+	e.st.reported.Store(detachedUse) // not cached: its uses are not collected
+	return e, nil
 }
 
 // load reads one record for the cache (otter calls it on a miss and for
@@ -695,7 +701,16 @@ func (c *CachedStore) unchangedSince() (since int64, ok bool) {
 	for i := len(c.versions) - 1; i >= 0 && c.versions[i].v == v; i-- {
 		since = c.versions[i].at
 	}
-	c.versions = append(c.versions, versionSample{at: c.preciseNano(), v: v})
+	sample := versionSample{at: c.preciseNano(), v: v}
+	if n := len(c.versions); n >= 2 && c.versions[n-1].v == v && c.versions[n-2].v == v {
+		// A run of one version needs only its first sample (since) and
+		// its latest (see refreshBatch). Kept at two, the run's first
+		// sample is never trimmed below: since stays put for as long as
+		// nothing changes, and the records are not walked again.
+		c.versions[n-1] = sample
+	} else {
+		c.versions = append(c.versions, sample)
+	}
 	if n := len(c.versions); n > maxVersionSamples {
 		c.versions = append(c.versions[:0], c.versions[n-maxVersionSamples:]...)
 	}

@@ -811,3 +811,41 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestCacheRefreshSinceStable: while the records version does not move, the
+// time from which records are known unchanged stays where the version was
+// first seen, however many passes there are (more than the version history
+// keeps): otherwise every pass past that would walk every record again.
+func TestCacheRefreshSinceStable(t *testing.T) {
+	// Disabled from the start, the refresh loop never runs a pass: the
+	// passes' version read is called directly.
+	f := newCacheFixture(t, CacheOptions{Disabled: true}, true)
+	k := f.storeRaw(t)
+	var first int64
+	for i := range 3 * maxVersionSamples {
+		f.clock.Advance(time.Second)
+		since, ok := f.cache.unchangedSince()
+		if !ok {
+			t.Fatal("the version read failed")
+		}
+		switch {
+		case i == 1:
+			first = since
+		case i > 1 && since != first:
+			t.Fatalf("pass %d: unchanged since %v, want %v as from pass 1", i, time.Unix(0, since), time.Unix(0, first))
+		}
+		if n := len(f.cache.versions); n > maxVersionSamples {
+			t.Fatalf("%d version samples kept", n)
+		}
+	}
+	// A change moves it.
+	if _, err := f.raw.Revoke(context.Background(), k.ID, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Advance(time.Second)
+	f.cache.unchangedSince()
+	f.clock.Advance(time.Second)
+	if since, _ := f.cache.unchangedSince(); since == first {
+		t.Error("since did not move after a change")
+	}
+}

@@ -81,7 +81,10 @@ type entryState struct {
 	loadedAt atomic.Int64  // unix nanoseconds when the store read started
 	gen      atomic.Uint64 // the cache's flush generation it was read in
 	lastUsed atomic.Int64  // unix nanoseconds, to usedResolution; 0: never
-	noted    atomic.Int64  // unix second of the last NoteUse that said true
+	noted    atomic.Int64  // unix nanoseconds of the last NoteUse that said true; 0: none
+	// reported is the noted time CollectUses last handed on, or
+	// detachedUse once the record has left the cache (see uses.go).
+	reported atomic.Int64
 	// expirySet is when otter's expiry of the entry was last set (unix
 	// nanoseconds): on its write, then by the refresh (see memoryDue).
 	expirySet atomic.Int64
@@ -319,8 +322,12 @@ func (ck *CachedKey) Status(now time.Time) string {
 // again starts afresh).
 // A caller that records last-used times, which have second precision, can
 // so skip all but one use a second of a busy key.
+//
+// The time of a use it says true for is kept in the record: a
+// [CachedStore] hands it on in [CachedStore.CollectUses] (see
+// [CachedKey.UseCollected]).
 func (ck *CachedKey) NoteUse(now time.Time) bool {
-	sec := now.Unix()
+	ns := now.UnixNano()
 	last := ck.st.noted.Load()
-	return sec != last && ck.st.noted.CompareAndSwap(last, sec)
+	return (last == 0 || last/int64(time.Second) != ns/int64(time.Second)) && ck.st.noted.CompareAndSwap(last, ns)
 }
