@@ -43,16 +43,18 @@ type Plan struct {
 // (GCRA, see package ratelimit).
 type RateLimit struct {
 	// Requests is the burst size and the number of requests per Window;
-	// at least 1.
+	// from 1 to 999,999,999,999,999.
 	Requests int64 `json:"requests"`
-	// Window is the rate limit's window; at least 1s.
+	// Window is the rate limit's window; from 1s to 24h, and at least
+	// 1µs per request.
 	Window caddy.Duration `json:"window"`
 }
 
 // Quota caps the accepted requests of a key (and of the keys that replaced
 // it in rotations) per period.
 type Quota struct {
-	// Requests is the number of accepted requests per Period; at least 1.
+	// Requests is the number of accepted requests per Period; from 1 to
+	// 999,999,999,999,999.
 	Requests int64 `json:"requests"`
 	// Period is "day" (a UTC day) or "month" (a calendar month in UTC).
 	Period string `json:"period"`
