@@ -139,9 +139,10 @@ func TestProvisionErrors(t *testing.T) {
 	}{
 		{"plan bad name", `[{"name":"a b"}]`, "", `plan 1: "a b" is not a valid plan name`},
 		{"plan twice", `[{"name":"a"},{"name":"a"}]`, "", `plan "a" is defined twice`},
-		{"plan zero requests", `[{"name":"a","rate_limit":{"requests":0,"window":1000000000}}]`, "", `plan "a": rate_limit requests must be at least 1`},
+		{"plan zero requests", `[{"name":"a","rate_limit":{"requests":0,"window":1000000000}}]`, "", `plan "a": rate_limit requests must be from 1 to 999999999999999, got 0`},
+		{"plan requests over 15 digits", `[{"name":"a","rate_limit":{"requests":1000000000000000,"window":86400000000000}}]`, "", `plan "a": rate_limit requests must be from 1 to 999999999999999`},
 		{"plan short window", `[{"name":"a","rate_limit":{"requests":5,"window":1000}}]`, "", `plan "a": rate_limit window must be at least 1s`},
-		{"plan quota zero", `[{"name":"a","quota":{"requests":0,"period":"day"}}]`, "", `plan "a": quota requests must be at least 1`},
+		{"plan quota zero", `[{"name":"a","quota":{"requests":0,"period":"day"}}]`, "", `plan "a": quota requests must be from 1 to 999999999999999, got 0`},
 		{"plan quota period", `[{"name":"a","quota":{"requests":5,"period":"year"}}]`, "", `plan "a": quota period must be day or month, got "year"`},
 		{"default plan unknown", `[{"name":"a"}]`, "b", `default_plan "b" is not a configured plan (have a)`},
 		{"default plan without plans", `[]`, "b", `default_plan "b" is not a configured plan (have none)`},
