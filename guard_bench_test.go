@@ -166,7 +166,7 @@ func BenchmarkGuardHit(b *testing.B) {
 	// A plan with a rate limit and a quota that the benchmark never
 	// reaches (a request every 3.6 µs for an hour; 10^15 a month).
 	h := benchHandler(b, &StoreConfig{Path: filepath.Join(b.TempDir(), "keys.db")}, nil,
-		Plan{Name: "pro", RateLimit: &RateLimit{Requests: 1e9, Window: caddy.Duration(time.Hour)}, Quota: &Quota{Requests: 1e15, Period: "month"}},
+		Plan{Name: "pro", RateLimit: &RateLimit{Requests: 1e9, Window: caddy.Duration(time.Hour)}, Quota: &Quota{Requests: maxPlanNumber, Period: "month"}},
 		Plan{Name: "unmetered"})
 	cases := []struct {
 		name, path string
