@@ -47,8 +47,13 @@
 // for each key it saw: the tokens it holds (all returned) and the tokens
 // it wants for the next interval (twice the last interval's demand, at
 // most Limit/5 and Quota/20), plus its daily counts every 10 syncs. A key
-// not seen keeps its tokens until they would lapse, then returns them. A
-// request that finds no token leases synchronously (bounded by
+// not seen keeps its tokens until they would lapse, then returns them all
+// but one, which it renews (granted afresh, so the bound below holds)
+// until the key has been unseen for 2 minutes; then it returns that one
+// too and forgets the key. So a key that pauses for longer than a lease
+// and comes back finds a token (measured: 10,000 keys in rounds of 13 s
+// of use and 13 s of rest, 0.019 commands per request; 1.30 before a
+// token was kept). A request that finds no token leases synchronously (bounded by
 // Options.Timeout), asking for twice the previous lease, so a burst of
 // Limit takes about log2(Limit/5)+Limit/(Limit/5) calls; when Redis says
 // the bucket is empty the instance refuses locally until it holds a few

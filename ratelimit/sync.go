@@ -214,15 +214,22 @@ func (l *Limiter) buildItems(items []syncItem, st *state, now int64, shared, fin
 	var it, extra syncItem
 	// A subject seen in the interval renews its leases; one not seen
 	// keeps them until they would lapse before the next sync, then
-	// returns them.
+	// returns them but one, which it renews (a fresh grant, so the bound
+	// on the time between grant and spending holds) until it has been
+	// unseen for idleEvict: a key that comes back after a pause longer
+	// than a lease finds a token, and its request costs no round trip.
 	active := st.demand > 0 && !final
 	lapsing := st.leaseEnd-now <= int64(l.interval)
 	renew := active || final || lapsing
+	keepOne := !final && now-st.lastSeen < int64(idleEvict)
 	if shared && st.t > 0 && renew && (st.held > 0 || active) {
 		it.rate, it.t, it.b = true, ceilUS(st.t), ceilUS(st.t)*st.limit
 		it.ret = st.held
-		if active {
+		switch {
+		case active:
 			it.want = clampWant(2*st.demand, st.limit/5)
+		case keepOne:
+			it.want = 1
 		}
 		if st.held > it.want {
 			st.held = it.want
@@ -245,7 +252,7 @@ func (l *Limiter) buildItems(items []syncItem, st *state, now int64, shared, fin
 		if it.quota {
 			dst = &extra
 		}
-		l.quotaPart(dst, q, Period(k+1), Period(k+1) == st.period, st.demand, lapsing, shared, final)
+		l.quotaPart(dst, q, Period(k+1), Period(k+1) == st.period, st.demand, lapsing, keepOne, shared, final)
 	}
 	if it.rate || it.quota {
 		items = append(items, it)
@@ -260,10 +267,11 @@ func (l *Limiter) buildItems(items []syncItem, st *state, now int64, shared, fin
 // current when the policy uses it now; demand is the subject's requests
 // since the last sync, which size a renewed lease. A slot the policy
 // does not use and that saw no request in the interval returns every
-// token it holds: a subject whose policy moved to another period, or to
+// token it holds (the current slot keeps one while keepOne, see
+// buildItems): a subject whose policy moved to another period, or to
 // no quota, holds no tokens of the old one past the next sync. Local
 // counts are always sent.
-func (l *Limiter) quotaPart(it *syncItem, q *quotaSlot, per Period, current bool, demand int64, lapsing, shared, final bool) {
+func (l *Limiter) quotaPart(it *syncItem, q *quotaSlot, per Period, current bool, demand int64, lapsing, keepOne, shared, final bool) {
 	active := q.seen && !final
 	q.seen = false
 	switch {
@@ -280,6 +288,8 @@ func (l *Limiter) quotaPart(it *syncItem, q *quotaSlot, per Period, current bool
 			it.qWant = 1 // has anyone returned tokens?
 		case active:
 			it.qWant = clampWant(2*demand, q.quota/20)
+		case current && keepOne && q.held > 0 && !q.empty:
+			it.qWant = 1 // as the rate limit's one token (see buildItems)
 		}
 		if q.held > it.qWant {
 			q.held = it.qWant
