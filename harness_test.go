@@ -431,3 +431,47 @@ func setClock(t *testing.T) (advance func(time.Duration)) {
 		mu.Unlock()
 	}
 }
+
+// startLooseHeaderSite starts a file-store gateway on a server that lets
+// '_' and '.' header names through (expected_underscore_headers and
+// expected_dot_headers for the identity headers' spellings), with extra
+// apikeys subdirectives: CGI-style backends read X_Api_Key_Owner as
+// X-Api-Key-Owner, so these spellings are forgeries to strip.
+func startLooseHeaderSite(t *testing.T, extra string) *gateway {
+	t.Helper()
+	backend := newEchoBackend(t)
+	port := freePort(t)
+	cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+	servers {
+		expected_underscore_headers x_api_key_* x-api_key-*
+		expected_dot_headers x.api.key.*
+	}
+}
+
+http://127.0.0.1:%[1]d {
+	apikeys {
+		store file %[2]s
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_JWT_SECRET}
+			issuer %[3]s
+			audience %[4]s
+		}
+		%[6]s
+	}
+	reverse_proxy %[5]s
+}
+`, port, filepath.Join(t.TempDir(), "keys.db"), testIssuer, testAudience, strings.TrimPrefix(backend.URL, "http://"), extra)
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stopCaddy(t) })
+	return &gateway{t: t, base: fmt.Sprintf("http://127.0.0.1:%d", port), backend: backend, client: &http.Client{Timeout: 10 * time.Second}}
+}

@@ -6,14 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // hostileCase is one hostile request and the clear 4xx it must get.
@@ -217,40 +213,7 @@ func TestHostileRequests(t *testing.T) {
 // would read X_Api_Key_Owner as the identity header (both become
 // HTTP_X_API_KEY_OWNER).
 func TestSpoofedIdentityHeaderVariants(t *testing.T) {
-	backend := newEchoBackend(t)
-	port := freePort(t)
-	cfg := fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	servers {
-		expected_underscore_headers x_api_key_* x-api_key-*
-		expected_dot_headers x.api.key.*
-	}
-}
-
-http://127.0.0.1:%[1]d {
-	apikeys {
-		store file %[2]s
-		secret {env.APIKEYS_TEST_SECRET}
-		dashboard_jwt {
-			secret {env.APIKEYS_TEST_JWT_SECRET}
-			issuer %[3]s
-			audience %[4]s
-		}
-	}
-	reverse_proxy %[5]s
-}
-`, port, filepath.Join(t.TempDir(), "keys.db"), testIssuer, testAudience, strings.TrimPrefix(backend.URL, "http://"))
-	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfgJSON, true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stopCaddy(t) })
-	g := &gateway{t: t, base: fmt.Sprintf("http://127.0.0.1:%d", port), backend: backend, client: &http.Client{Timeout: 10 * time.Second}}
+	g := startLooseHeaderSite(t, "")
 	k := g.create("alice", `{"name":"spoof"}`)
 
 	variants := []string{"X_Api_Key_Owner", "X_API_KEY_ID", "x_api_key_scopes", "X-Api_Key-Owner", "X.Api.Key.Owner"}
@@ -271,7 +234,7 @@ http://127.0.0.1:%[1]d {
 	if resp.StatusCode != 200 {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
-	seen := backend.last(t)
+	seen := g.backend.last(t)
 	if seen.Get("X_api_key_unrelated") != "kept" {
 		t.Fatalf("the server dropped an allowed underscore header; the test proves nothing: %v", seen)
 	}

@@ -10,14 +10,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // attackPlans: two plans with a quota of 3 a period, one per period, and
@@ -413,41 +409,7 @@ func TestAttackQuotaDuringRedisHang(t *testing.T) {
 // reaches the backend, for a key with a plan and one without, and
 // neither does a Connection header naming it.
 func TestAttackForgedPlanHeaderSpellings(t *testing.T) {
-	backend := newEchoBackend(t)
-	port := freePort(t)
-	cfg := fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	servers {
-		expected_underscore_headers x_api_key_* x-api_key-*
-		expected_dot_headers x.api.key.*
-	}
-}
-
-http://127.0.0.1:%[1]d {
-	apikeys {
-		store file %[2]s
-		secret {env.APIKEYS_TEST_SECRET}
-		dashboard_jwt {
-			secret {env.APIKEYS_TEST_JWT_SECRET}
-			issuer %[3]s
-			audience %[4]s
-		}
-		%[6]s
-	}
-	reverse_proxy %[5]s
-}
-`, port, filepath.Join(t.TempDir(), "keys.db"), testIssuer, testAudience, strings.TrimPrefix(backend.URL, "http://"), attackPlans)
-	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfgJSON, true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stopCaddy(t) })
-	g := &gateway{t: t, base: fmt.Sprintf("http://127.0.0.1:%d", port), backend: backend, client: &http.Client{Timeout: 10 * time.Second}}
+	g := startLooseHeaderSite(t, attackPlans)
 	for _, k := range []createdKey{g.keyWithPlan("alice", "ratey"), g.create("alice", `{"name":"no plan"}`)} {
 		req, _ := http.NewRequest("GET", g.base+"/v1/x", nil)
 		req.Header.Set("Authorization", "Bearer "+k.Key)
@@ -464,7 +426,7 @@ http://127.0.0.1:%[1]d {
 		if resp.StatusCode != 200 {
 			t.Fatalf("status %d", resp.StatusCode)
 		}
-		seen := backend.last(t)
+		seen := g.backend.last(t)
 		if seen.Get("X_api_key_unrelated") != "kept" {
 			t.Fatalf("the server dropped an allowed underscore header; the test proves nothing: %v", seen)
 		}
