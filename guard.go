@@ -153,12 +153,11 @@ func (h *Handler) guard(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		return h.insufficientScope(w, required)
 	}
 
-	// The key's plan: its limits are checked last, so that only a request
-	// the key may make counts against its quota. A key without a plan
-	// costs a string comparison here.
-	// The plan in effect is the key's, or default_plan's when the key's
-	// was removed from the config: the backend learns the plan whose
-	// limits apply.
+	// The plan's limits are checked last, so that only a request the key
+	// may make counts against its quota. The plan in effect is the key's,
+	// or default_plan's when the key's was removed from the config, and
+	// the backend learns that one. A key without a plan costs a string
+	// comparison here.
 	inEffect := h.planFor(key.Plan())
 	plan := ""
 	if inEffect != nil {
