@@ -24,7 +24,7 @@ func (h *Handler) validateKeyHeader() error {
 		return fmt.Errorf("apikeys: key_header %q is not a valid header name", name)
 	}
 	ids := h.IdentityHeaders
-	for _, taken := range []string{"Authorization", ids.ID, ids.Owner, ids.Scopes} {
+	for _, taken := range []string{"Authorization", ids.ID, ids.Owner, ids.Scopes, ids.Meta, ids.Plan} {
 		if sameHeaderLoosely(name, taken) {
 			return fmt.Errorf("apikeys: key_header cannot be %s: the gateway sets or consumes that header itself", taken)
 		}

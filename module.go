@@ -559,12 +559,21 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("apikeys: cors_origins: %q is not an origin like https://dash.example.com", o)
 		}
 	}
-	for _, name := range []string{h.IdentityHeaders.ID, h.IdentityHeaders.Owner, h.IdentityHeaders.Scopes, h.IdentityHeaders.Meta, h.IdentityHeaders.Plan} {
-		if !validHeaderName(name) {
-			return fmt.Errorf("apikeys: identity header name %q is not a valid header name", name)
+	ids := h.IdentityHeaders
+	named := []struct{ role, name string }{{"id", ids.ID}, {"owner", ids.Owner}, {"scopes", ids.Scopes}, {"meta", ids.Meta}, {"plan", ids.Plan}}
+	for i, n := range named {
+		if !validHeaderName(n.name) {
+			return fmt.Errorf("apikeys: identity header name %q is not a valid header name", n.name)
 		}
-		if http.CanonicalHeaderKey(name) == "Authorization" {
+		if http.CanonicalHeaderKey(n.name) == "Authorization" {
 			return errors.New("apikeys: an identity header cannot be Authorization")
+		}
+		// One name for two identity headers would make one overwrite or
+		// delete the other (CGI-style backends read '_' and '.' as '-').
+		for _, m := range named[:i] {
+			if sameHeaderLoosely(n.name, m.name) {
+				return fmt.Errorf("apikeys: identity_headers: %s and %s are both %s; each needs a name of its own", m.role, n.role, n.name)
+			}
 		}
 	}
 	if err := h.validateKeyHeader(); err != nil {

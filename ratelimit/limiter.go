@@ -299,6 +299,13 @@ func (st *state) setPolicy(p *Policy, now int64) {
 				st.tat = now + min(used*st.t, st.b)
 			}
 		}
+		// Tokens leased under the old numbers are not spent under the
+		// new ones: a lower limit would otherwise admit every instance's
+		// old lease on top of the new burst. They are dropped, not
+		// returned (the shared bucket keeps them as used: never more
+		// admitted than the bound, at worst a little less), and the next
+		// request leases at the new interval.
+		st.held, st.leaseEnd, st.emptyUntil = 0, 0, 0
 		st.lastWant = 0
 	}
 	if p.Quota <= 0 || (p.Period != Day && p.Period != Month) {
