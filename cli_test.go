@@ -137,3 +137,82 @@ func runCLI(t *testing.T, args ...string) (string, error) {
 	}
 	return string(out), nil
 }
+
+// TestCLIPlans: `caddy apikeys create --plan` gives a key a plan the
+// gateway then enforces; the operator's CLI is not capped by the
+// dashboard's scopes_claim and plans_claim (create without a plan and with
+// full access, rotate a key without a plan); an unknown plan is refused as
+// the API refuses it.
+func TestCLIPlans(t *testing.T) {
+	rds := testredis.Start(t)
+	backend := newEchoBackend(t)
+	port := testcaddy.FreePort(t)
+	caddyfile := fmt.Sprintf(`{
+	admin off
+	persist_config off
+}
+http://127.0.0.1:%d {
+	apikeys {
+		store redis %s
+		secret {env.APIKEYS_TEST_SECRET}
+		dashboard_jwt {
+			secret {env.APIKEYS_TEST_SECRET}
+			scopes_claim scope
+			plans_claim plans
+		}
+		scope analytics:read GET /v1/analytics/*
+		plan tiny {
+			rate_limit 2 1h
+		}
+	}
+	reverse_proxy %s
+}
+`, port, rds.URL(), strings.TrimPrefix(backend.URL, "http://"))
+	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)})
+	cfg := filepath.Join(proc.Dir(), "Caddyfile")
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	created := func(out string, err error) createdKey {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		var env struct{ Data createdKey }
+		if err := json.Unmarshal([]byte(out), &env); err != nil {
+			t.Fatalf("output is not the create JSON: %v\n%s", err, out)
+		}
+		return env.Data
+	}
+	call := func(key string) (int, string) {
+		req, _ := http.NewRequest("GET", base+"/v1/analytics/daily", nil)
+		req.Header.Set("Authorization", "Bearer "+key)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("Ratelimit-Policy")
+	}
+
+	k := created(runCLI(t, "create", "--config", cfg, "--owner", "ops", "--name", "tiny", "--plan", "tiny"))
+	var statuses []int
+	var policy string
+	for range 3 {
+		s, p := call(k.Key)
+		statuses, policy = append(statuses, s), p
+	}
+	if fmt.Sprint(statuses) != "[200 200 429]" || policy != `"rate";q=2;w=3600` {
+		t.Fatalf("a key created with --plan tiny (2/h): %v, RateLimit-Policy %q", statuses, policy)
+	}
+	// Full access and no plan: what a dashboard session under both claims
+	// may not grant without "*", an operator may.
+	free := created(runCLI(t, "create", "--config", cfg, "--owner", "ops", "--name", "free"))
+	if s, _ := call(free.Key); s != 200 {
+		t.Fatalf("a full-access key without a plan from the CLI: %d", s)
+	}
+	if out, err := runCLI(t, "rotate", "--config", cfg, free.KeyID); err != nil {
+		t.Fatalf("rotating a key without a plan from the CLI: %v\n%s", err, out)
+	}
+	if out, err := runCLI(t, "create", "--config", cfg, "--owner", "ops", "--name", "x", "--plan", "gold"); err == nil || !strings.Contains(out, "unknown_plan") {
+		t.Fatalf("--plan gold (not configured): %v\n%s", err, out)
+	}
+}

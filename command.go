@@ -86,7 +86,7 @@ development: in production the dashboard issues tokens.
 	dev.Flags().StringArray("claim", nil, "Extra claim `name=value`, repeatable; a value that is JSON (an array, a number, true) is used as such, anything else as a string")
 
 	create := &cobra.Command{
-		Use:   "create --owner <id> --name <name> [--scopes a,b] [--expires-in-days n]",
+		Use:   "create --owner <id> --name <name> [--scopes a,b] [--expires-in-days n] [--plan p]",
 		Short: "Mint a key and print it once, as JSON",
 		Args:  cobra.NoArgs,
 		RunE:  runCreate,
@@ -96,6 +96,7 @@ development: in production the dashboard issues tokens.
 	create.Flags().String("name", "", "Name of the key (required)")
 	create.Flags().StringSlice("scopes", nil, "Scopes, comma-separated; omit for full access")
 	create.Flags().Int("expires-in-days", 0, "Lifetime in days; omit for no expiry")
+	create.Flags().String("plan", "", "Plan of the key; omit for default_plan (or none)")
 
 	list := &cobra.Command{
 		Use:   "list --owner <id> [--status s] [--json]",
@@ -193,6 +194,9 @@ func runCreate(cmd *cobra.Command, _ []string) error {
 	}
 	if fl.Changed("expires-in-days") {
 		req["expires_in_days"] = days
+	}
+	if fl.Changed("plan") {
+		req["plan"], _ = fl.GetString("plan")
 	}
 	body, _ := json.Marshal(req)
 	ctx, cancel := cmdContext()
