@@ -19,7 +19,7 @@ import (
 //     (no pointers);
 //   - the ID boxed as an interface value, once, so that handing it on as
 //     `any` (a Caddy placeholder) costs no allocation per request; the
-//     owner, scopes and plan are boxed once per distinct value and shared
+//     owner and scopes are boxed once per distinct value and shared
 //     (interned with package unique);
 //   - its mutable state (times of loading and use), pointer-free.
 //
@@ -42,10 +42,11 @@ type CachedKey struct {
 	rotating  bool // replaced by a newer key, within its grace period
 	disabled  bool // suspended (Key.Disabled)
 
-	// The ID, owner, scopes and plan as interface values (see IDValue);
-	// plan is the zero Handle for a key without a plan.
-	idValue             any
-	owner, scopes, plan unique.Handle[any]
+	// The ID, owner and scopes as interface values (see IDValue). (The
+	// plan's value for its placeholder is the handler's, per configured
+	// plan: the plan in effect may not be the key's.)
+	idValue       any
+	owner, scopes unique.Handle[any]
 
 	meta *cachedMeta // nil when the key has no metadata
 
@@ -148,10 +149,6 @@ func (ck *CachedKey) fill(k *Key) {
 	ck.idValue = ck.ID()
 	ck.owner = intern(ck.Owner())
 	ck.scopes = intern(ck.Scopes())
-	ck.plan = unique.Handle[any]{}
-	if k.Plan != "" {
-		ck.plan = intern(k.Plan)
-	}
 }
 
 // intern returns s boxed as an interface value shared by every record with
@@ -234,15 +231,6 @@ func (ck *CachedKey) OwnerValue() any { return ck.owner.Value() }
 
 // ScopesValue returns Scopes() boxed once; see IDValue.
 func (ck *CachedKey) ScopesValue() any { return ck.scopes.Value() }
-
-// PlanValue returns Plan() boxed once, or nil for a key without a plan;
-// see IDValue.
-func (ck *CachedKey) PlanValue() any {
-	if ck.plan == (unique.Handle[any]{}) {
-		return nil
-	}
-	return ck.plan.Value()
-}
 
 // FullAccess reports whether the key carries no scope allowlist.
 func (ck *CachedKey) FullAccess() bool { return ck.full }
