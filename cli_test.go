@@ -18,25 +18,7 @@ import (
 // would, against the config of a running Caddy (Redis store), and checks
 // each result through that Caddy.
 func TestCLI(t *testing.T) {
-	rds := testredis.Start(t)
-	backend := newEchoBackend(t)
-	port := testcaddy.FreePort(t)
-	caddyfile := fmt.Sprintf(`{
-	admin off
-	persist_config off
-}
-http://127.0.0.1:%d {
-	apikeys {
-		store redis %s
-		secret {env.APIKEYS_TEST_SECRET}
-		scope analytics:read GET /v1/analytics/*
-	}
-	reverse_proxy %s
-}
-`, port, rds.URL(), strings.TrimPrefix(backend.URL, "http://"))
-	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)})
-	cfg := filepath.Join(proc.Dir(), "Caddyfile")
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	cfg, base := startCLISite(t, `scope analytics:read GET /v1/analytics/*`)
 
 	// run returns stdout; stderr (Caddy's config-loading logs, errors) is
 	// appended when the command fails.
@@ -144,33 +126,15 @@ func runCLI(t *testing.T, args ...string) (string, error) {
 // full access, rotate a key without a plan); an unknown plan is refused as
 // the API refuses it.
 func TestCLIPlans(t *testing.T) {
-	rds := testredis.Start(t)
-	backend := newEchoBackend(t)
-	port := testcaddy.FreePort(t)
-	caddyfile := fmt.Sprintf(`{
-	admin off
-	persist_config off
+	cfg, base := startCLISite(t, `dashboard_jwt {
+	secret {env.APIKEYS_TEST_SECRET}
+	scopes_claim scope
+	plans_claim plans
 }
-http://127.0.0.1:%d {
-	apikeys {
-		store redis %s
-		secret {env.APIKEYS_TEST_SECRET}
-		dashboard_jwt {
-			secret {env.APIKEYS_TEST_SECRET}
-			scopes_claim scope
-			plans_claim plans
-		}
-		scope analytics:read GET /v1/analytics/*
-		plan tiny {
-			rate_limit 2 1h
-		}
-	}
-	reverse_proxy %s
-}
-`, port, rds.URL(), strings.TrimPrefix(backend.URL, "http://"))
-	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)})
-	cfg := filepath.Join(proc.Dir(), "Caddyfile")
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+scope analytics:read GET /v1/analytics/*
+plan tiny {
+	rate_limit 2 1h
+}`)
 	created := func(out string, err error) createdKey {
 		t.Helper()
 		if err != nil {
@@ -215,4 +179,29 @@ http://127.0.0.1:%d {
 	if out, err := runCLI(t, "create", "--config", cfg, "--owner", "ops", "--name", "x", "--plan", "gold"); err == nil || !strings.Contains(out, "unknown_plan") {
 		t.Fatalf("--plan gold (not configured): %v\n%s", err, out)
 	}
+}
+
+// startCLISite starts a Caddy process with a Redis store and extra apikeys
+// subdirectives in front of an echo backend, for the CLI tests; it returns
+// the path of its Caddyfile (for --config) and its base URL.
+func startCLISite(t *testing.T, extra string) (cfg, base string) {
+	t.Helper()
+	rds := testredis.Start(t)
+	backend := newEchoBackend(t)
+	port := testcaddy.FreePort(t)
+	caddyfile := fmt.Sprintf(`{
+	admin off
+	persist_config off
+}
+http://127.0.0.1:%d {
+	apikeys {
+		store redis %s
+		secret {env.APIKEYS_TEST_SECRET}
+		%s
+	}
+	reverse_proxy %s
+}
+`, port, rds.URL(), extra, strings.TrimPrefix(backend.URL, "http://"))
+	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)})
+	return filepath.Join(proc.Dir(), "Caddyfile"), fmt.Sprintf("http://127.0.0.1:%d", port)
 }

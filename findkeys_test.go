@@ -3,10 +3,8 @@ package apikeys
 import (
 	"encoding/hex"
 	"encoding/json"
-	"fmt"
 	"hash/crc32"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,8 +12,6 @@ import (
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/getkin/kin-openapi/routers/gorillamux"
 
-	"github.com/caddy-apikeys/caddy-apikeys/internal/testcaddy"
-	"github.com/caddy-apikeys/caddy-apikeys/internal/testredis"
 	"github.com/caddy-apikeys/caddy-apikeys/keystore"
 )
 
@@ -133,24 +129,7 @@ func TestListByPrefix(t *testing.T) {
 // TestOperatorCommands runs `caddy apikeys find|get|revoke --owner --all`
 // against a running Caddy's Redis store and checks the results through it.
 func TestOperatorCommands(t *testing.T) {
-	rds := testredis.Start(t)
-	backend := newEchoBackend(t)
-	port := testcaddy.FreePort(t)
-	caddyfile := fmt.Sprintf(`{
-	admin off
-	persist_config off
-}
-http://127.0.0.1:%d {
-	apikeys {
-		store redis %s
-		secret {env.APIKEYS_TEST_SECRET}
-	}
-	reverse_proxy %s
-}
-`, port, rds.URL(), strings.TrimPrefix(backend.URL, "http://"))
-	proc := testcaddy.Start(t, caddyfile, []string{fmt.Sprintf("127.0.0.1:%d", port)})
-	cfg := filepath.Join(proc.Dir(), "Caddyfile")
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	cfg, base := startCLISite(t, "")
 	run := func(args ...string) (string, error) { t.Helper(); return runCLI(t, args...) }
 	call := func(key string) int {
 		req, _ := http.NewRequest("GET", base+"/v1/x", nil)
